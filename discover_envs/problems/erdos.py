@@ -1,0 +1,92 @@
+"""Erdős minimum overlap problem: an upper bound on the constant C5."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from scipy.signal import fftconvolve
+
+from discover_envs.problem import ConstructionProblem, ConstructionSpec, InvalidSolution
+
+#: A construction longer than this is refused before any arithmetic (memory and time guard).
+MAX_N = 200_000
+
+
+class ErdosMinOverlap(ConstructionProblem):
+    """Erdős minimum overlap: find a step function that certifies a small upper bound on C5.
+
+    ## Description
+    For h: [0, 2] -> [0, 1] with integral 1, the overlap M(h) = max_k ∫ h(x) (1 - h(x + k)) dx is an upper
+    bound on Erdős's minimum overlap constant C5 (0.379005 <= C5). A construction is the list of n values of
+    a step function on n equal steps of [0, 2].
+
+    ## Verifier (exact, in the parent process)
+    Values must be finite and in [0, 1]; h is rescaled to sum n/2 (integral 1) and must still lie in [0, 1];
+    bound = max(correlate(h, 1 - h, "full")) * 2 / n, computed with an FFT and an exact direct correlation when
+    n <= 4096 (the FFT error bound, n * eps * sum(h), is far below the 1e-9 the fixtures need).
+
+    ## Reward
+    reward = 1 / bound (higher is better, as in TTT-Discover); an invalid attempt gets `failure_reward` = 0,
+    below every valid reward.
+
+    ## Published figures (lower is better)
+    Haugland 2016: 0.3809269; AlphaEvolve: 0.3809230; TTT-Discover: 0.3808753 (600 steps, shipped in
+    tests/data/erdos_ttt_discover.json).
+
+    ## Arguments
+    n: fix the construction length (default: any length 1..200,000; start state has 50 steps).
+    timeout_s: wall clock for a ```python action. memory_mb: address-space limit of that action.
+
+    ## Version history
+    v0: first release.
+    """
+
+    title: ClassVar[str] = "Erdős minimum overlap (upper bound on C5)"
+    higher_is_better: ClassVar[bool] = False
+    figure: ClassVar[str] = "C5 upper bound (lower is better)"
+
+    def __init__(self, *, n: int | None = None, start_n: int = 50, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if n is not None and not 1 <= n <= MAX_N:
+            raise ValueError(f"n must be in 1..{MAX_N}, got {n}")
+        self.n = n
+        self.start_n = n or start_n
+        self.spec = ConstructionSpec(
+            kind="sequence", min_length=n or 1, max_length=n or MAX_N, low=0.0, high=1.0
+        )
+
+    def statement(self) -> str:
+        return (
+            f"# {self.title}\n"
+            "Find a step function h on [0, 2] with values in [0, 1] and integral 1 that makes the overlap\n"
+            "M(h) = max over shifts k of the integral of h(x) * (1 - h(x + k)) dx as small as possible.\n"
+            "Any such h proves C5 <= M(h). h is given by its values on equal steps of [0, 2]; the verifier\n"
+            "rescales them to integral 1 (they must stay within [0, 1]) and computes\n"
+            "M = max(correlate(h, 1 - h, 'full')) * 2 / n exactly. Best known: 0.3808753.\n\n"
+            + self.output_rules()
+        )
+
+    def initial_construction(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.uniform(0.3, 0.7, size=self.start_n)
+
+    def validate(self, construction) -> np.ndarray:
+        h = self.check_array(construction)
+        total = h.sum()
+        if not total > 0:
+            raise InvalidSolution("h sums to 0; it needs a positive integral")
+        h = h * (h.size / 2.0 / total)
+        if h.max() > 1.0:
+            raise InvalidSolution(
+                f"after rescaling to integral 1, h reaches {h.max():.6g} > 1 at index {int(h.argmax())}"
+            )
+        return h
+
+    def score(self, construction: np.ndarray) -> float:
+        h = construction
+        n = h.size
+        if n <= 4096:
+            overlap = np.correlate(h, 1.0 - h, mode="full")
+        else:
+            overlap = fftconvolve(h, (1.0 - h)[::-1], mode="full")
+        return float(overlap.max() * 2.0 / n)

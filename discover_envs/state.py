@@ -1,0 +1,41 @@
+"""States: JSON-serialisable start points for an episode, named by a hash of their content.
+
+A state is a plain dict so it can be logged, saved in a buffer file and handed back to
+`reset(options={"state": ...})`. Its id depends only on what it contains (construction and code), so the
+same attempt found twice has the same id and a buffer can deduplicate by id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+STATE_KEYS = frozenset({"id", "score", "reward", "construction", "code", "parent_id"})
+
+
+def content_id(construction: Any, code: str | None) -> str:
+    """sha256 over the canonical JSON of (construction, code); 16 hex digits are plenty for one run."""
+    payload = json.dumps({"construction": construction, "code": code}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def make_state(
+    *,
+    score: float,
+    reward: float,
+    construction: Any = None,
+    code: str | None = None,
+    parent_id: str | None = None,
+) -> dict[str, Any]:
+    if not (math.isfinite(score) and math.isfinite(reward)):
+        raise ValueError(f"a state needs a finite score and reward, got score={score!r}, reward={reward!r}")
+    return {
+        "id": content_id(construction, code),
+        "score": float(score),
+        "reward": float(reward),
+        "construction": construction,
+        "code": code,
+        "parent_id": parent_id,
+    }
