@@ -20,9 +20,12 @@ from discover_envs.state import STATE_KEYS, content_id, make_state
 #: Characters a prompt or reply may contain; covers ASCII text, code and the maths in the prompts.
 CHARSET = string.printable + "őáéíóúöüäß×≤≥±≈∞∑∫√πβλ–—‘’“”…·²³⁻∈"
 MAX_TEXT = 2_000_000
-#: Relative tolerance when a restart state's stored score is compared with the recomputed one; the
-#: recomputation is deterministic float64, so anything beyond rounding of the JSON text is tampering.
-SCORE_RTOL = 1e-12
+#: Most (problem, state id, score) triples remembered as verified in this process (see `_VERIFIED`).
+MAX_VERIFIED = 100_000
+#: States this process has verified (produced by `step` or checked by `reset`), so an agent restarting from
+#: its own buffer does not re-run code tasks. Sound because the id is re-derived from the content each time
+#: and the score must equal the verified one.
+_VERIFIED: set[tuple[str, str, float]] = set()
 
 
 def load_problem(problem: str | type[Problem], kwargs: dict[str, Any]) -> Problem:
@@ -42,6 +45,7 @@ class DiscoverEnv(gym.Env[str, str]):
 
     def __init__(self, problem: str | type[Problem], **problem_kwargs: Any) -> None:
         self.problem = load_problem(problem, problem_kwargs)
+        self._key = f"{problem}:{sorted(problem_kwargs.items())!r}"
         self.observation_space = spaces.Text(max_length=MAX_TEXT, min_length=1, charset=CHARSET)
         self.action_space = spaces.Text(max_length=MAX_TEXT, min_length=0, charset=CHARSET)
         self.state: dict[str, Any] | None = None
@@ -74,13 +78,19 @@ class DiscoverEnv(gym.Env[str, str]):
             raise InvalidState(f"state has unknown keys {sorted(unknown)} / lacks keys {sorted(missing)}")
         expected_id = content_id(state["construction"], state["code"])
         if state.get("id") not in (None, expected_id):
-            raise InvalidState(f"state id {state['id']!r} does not match its content (expected {expected_id})")
+            raise InvalidState(
+                f"state id {state['id']!r} does not match its content (expected {expected_id})"
+            )
         claimed = state["score"]
         if isinstance(claimed, bool) or not isinstance(claimed, (int, float)) or not math.isfinite(claimed):
             raise InvalidState(f"state score must be a finite number, got {claimed!r}")
-        score = self.problem.rescore(state)
-        if not math.isclose(score, claimed, rel_tol=SCORE_RTOL, abs_tol=1e-300):
-            raise InvalidState(f"state score {claimed!r} does not match the recomputed score {score!r}")
+        if (self._key, expected_id, float(claimed)) in _VERIFIED:
+            score = float(claimed)
+        else:
+            score = self.problem.rescore(state)
+            if not math.isclose(score, claimed, rel_tol=self.problem.score_rtol, abs_tol=1e-300):
+                raise InvalidState(f"state score {claimed!r} does not match the recomputed score {score!r}")
+            self._remember(expected_id, score)
         return make_state(
             score=score,
             reward=self.problem.reward(score),
@@ -88,6 +98,11 @@ class DiscoverEnv(gym.Env[str, str]):
             code=state["code"],
             parent_id=state.get("parent_id"),
         )
+
+    def _remember(self, state_id: str, score: float) -> None:
+        if len(_VERIFIED) >= MAX_VERIFIED:
+            _VERIFIED.clear()
+        _VERIFIED.add((self._key, state_id, float(score)))
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
         if self.state is None:
@@ -109,5 +124,6 @@ class DiscoverEnv(gym.Env[str, str]):
                 code=result.code,
                 parent_id=self.state["id"],
             )
+            self._remember(child["id"], child["score"])
             info.update(valid=True, score=result.score, error=None, next_state=child, **result.details)
         return self.problem.prompt(self.state), float(reward), True, False, info

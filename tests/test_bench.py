@@ -1,0 +1,98 @@
+"""The benchmark harness and leaderboards: equal budgets, reproducible entries, a user's own agent plugged in."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import gymnasium as gym
+import pytest
+from tiny_model import build_model, build_tokenizer
+
+from discover_agent.agents import Agent, RunResult
+from discover_agent.bench import AgentSpec, run_bench, write_leaderboards
+from discover_agent.config import AgentConfig
+
+ENV = "discover/AC1-v0"
+
+
+class ConstantAgent(Agent):
+    """A user's agent: always answers the same flat construction (shows the plug-in contract)."""
+
+    name = "constant"
+
+    def run(self, progress: bool = True) -> RunResult:
+        cfg = self.config
+        env = gym.make(cfg.env, **cfg.resolved_env_kwargs())
+        _, info = env.reset(seed=cfg.seed)
+        n = env.unwrapped.construction_spec.min_length
+        start, best = time.perf_counter(), info["state"]
+        _, reward, _, _, info = env.step("```json\n" + json.dumps([1.0] * n) + "\n```")
+        if info["valid"] and reward > best["reward"]:
+            best = info["next_state"]
+        return RunResult(
+            env=cfg.env, agent=self.name, model="none", best=best, best_score=best["score"],
+            best_reward=best["reward"], rollouts=1, steps=1, wall_s=time.perf_counter() - start, tokens=0,
+            out=cfg.out, curve=[(1, best["score"])],
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_bench_runs_every_agent_and_seed_at_the_same_budget_then_writes_leaderboards(model_dir, tmp_path):
+    common = {
+        "model": str(model_dir), "env_kwargs": {"n": 3}, "groups": 1, "group_size": 2, "max_new_tokens": 40,
+        "device": "cpu",
+    }  # fmt: skip
+    agents = ["ttt", "best-of-n", "puct", "test_bench:ConstantAgent"]
+    entries = run_bench([ENV], agents, rollouts=4, seeds=[0, 1], out=tmp_path / "runs", common=common, progress=False)
+    assert len(entries) == 8
+    for entry in entries:
+        assert {"env", "agent", "model", "rollouts", "seed", "best_score", "best_reward", "wall_s", "tokens", "date",
+                "command", "best_state_file"} <= set(entry)  # fmt: skip
+        assert entry["command"].startswith("discover bench --envs discover/AC1-v0")
+    assert {e["rollouts"] for e in entries if e["agent"] != "test_bench:ConstantAgent"} == {4}
+
+    written = write_leaderboards(tmp_path / "runs", tmp_path / "leaderboards")
+    names = sorted(p.name for p in written)
+    assert names == ["AC1-v0.json", "AC1-v0.md", "AC1-v0.png", "README.md"]
+    table = (tmp_path / "leaderboards" / "AC1-v0.md").read_text()
+    for agent in ("ttt", "best-of-n", "puct", "test_bench:ConstantAgent"):
+        assert f"| {agent} |" in table
+    assert "Matolcsi" in table
+    assert (tmp_path / "leaderboards" / "AC1-v0.png").stat().st_size > 5000
+    assert len(json.loads((tmp_path / "leaderboards" / "AC1-v0.json").read_text())) == 8
+
+
+def test_agent_specs_parse_builtin_endpoint_and_import_path():
+    assert AgentSpec.parse("puct").label == "puct"
+    endpoint = AgentSpec.parse("openai:my-model@http://127.0.0.1:8000/v1")
+    assert endpoint.overrides == {"model": "my-model", "endpoint": "http://127.0.0.1:8000/v1"}
+    assert AgentSpec.parse("test_bench:ConstantAgent").cls is ConstantAgent
+    with pytest.raises(ValueError, match="not a subclass"):
+        AgentSpec.parse("json:dumps")
+    with pytest.raises(ValueError, match="unknown agent"):
+        AgentSpec.parse("alphaevolve")
+    with pytest.raises(ValueError, match="openai:MODEL@URL"):
+        AgentSpec.parse("openai:no-url")
+
+
+def test_budget_smaller_than_one_step_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="less than one step"):
+        run_bench([ENV], ["puct"], rollouts=3, seeds=[0], out=tmp_path, common={"groups": 2, "group_size": 2})
+
+
+def test_leaderboard_of_an_empty_folder_says_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="discover bench"):
+        write_leaderboards(tmp_path, tmp_path / "lb")
+
+
+def test_default_config_has_a_cpu_preset_for_the_default_env():
+    assert AgentConfig().resolved_env_kwargs() == {"n": 16}

@@ -1,0 +1,207 @@
+"""LocalPolicy: batched sampling with exact log-probs, seeds, chat template, constraints, loading, adapters."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_model import CountingConstraint, build_model
+
+from discover_agent.model import EMBEDDED_NAME, default_lora_rank, embedded_cache_dir, ensure_embedded_model
+from discover_agent.policy import LocalPolicy, PolicyConfig, Sample
+from discover_envs.problem import ConstructionSpec
+
+PROMPTS = ["short", "a much longer prompt with numbers 0.5, 0.25 and [1.0, 0.75] in it"]
+SPEC = ConstructionSpec("sequence", 1, 3, 0.0, 1.0)
+
+
+def recompute_logprobs(policy: LocalPolicy, sample: Sample, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """Independent check: one unpadded forward pass over prompt + completion, one row at a time."""
+    ids = torch.tensor([sample.prompt_ids + sample.completion_ids])
+    with torch.no_grad():
+        logits = policy.model(input_ids=ids).logits[0, len(sample.prompt_ids) - 1 : -1] / sample.temperature
+    if masks is not None:
+        logits = logits.masked_fill(~masks, -torch.inf)
+    return logits.log_softmax(-1).gather(-1, torch.tensor(sample.completion_ids)[:, None]).squeeze(-1)
+
+
+def test_sample_gives_n_replies_per_prompt_with_one_logprob_per_token(tiny_policy):
+    groups = tiny_policy.sample(PROMPTS, n=3)
+    assert [len(g) for g in groups] == [3, 3]
+    for prompt, group in zip(PROMPTS, groups, strict=True):
+        for s in group:
+            assert s.prompt_ids == tiny_policy.tokenizer(tiny_policy.chat_prompt(prompt))["input_ids"]
+            assert 1 <= len(s.completion_ids) <= tiny_policy.config.max_new_tokens
+            assert len(s.logprobs) == len(s.completion_ids)
+            assert all(lp <= 0 for lp in s.logprobs)
+            assert s.text == tiny_policy.tokenizer.decode(s.completion_ids, skip_special_tokens=True)
+
+
+def test_chat_template_wraps_the_prompt_as_the_user_turn(tiny_policy):
+    sample = tiny_policy.sample(["hello there"], n=1)[0][0]
+    prompt = tiny_policy.tokenizer.decode(sample.prompt_ids)
+    assert prompt == "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_a_forward_pass_recomputation(make_tiny_policy, temperature):
+    # batch_size 3 over 2 prompts x 3 replies: left padding of mixed prompt lengths inside one batch.
+    policy = make_tiny_policy(temperature=temperature, batch_size=3)
+    samples = [s for group in policy.sample(PROMPTS, n=3) for s in group]
+    for s in samples:
+        torch.testing.assert_close(torch.tensor(s.logprobs), recompute_logprobs(policy, s), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        batched, mask = policy.token_logprobs(samples)
+    for i, s in enumerate(samples):
+        assert int(mask[i].sum()) == len(s.completion_ids)
+        torch.testing.assert_close(batched[i, mask[i]], torch.tensor(s.logprobs), atol=1e-5, rtol=0)
+
+
+def test_same_seed_reproduces_samples_and_successive_calls_differ(make_tiny_policy):
+    first, second = make_tiny_policy(seed=7), make_tiny_policy(seed=7)
+    calls_a = [first.sample(PROMPTS, n=2) for _ in range(2)]
+    calls_b = [second.sample(PROMPTS, n=2) for _ in range(2)]
+    assert calls_a == calls_b
+    assert calls_a[0] != calls_a[1]
+    assert make_tiny_policy(seed=8).sample(PROMPTS, n=2) != calls_a[0]
+
+
+def test_sampling_leaves_the_global_torch_rng_alone(tiny_policy):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tiny_policy.sample(["hi"], n=2)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_constrained_reply_follows_the_grammar_and_logprobs_use_the_masked_distribution(make_tiny_policy):
+    policy = make_tiny_policy(temperature=0.8, batch_size=3)
+    digits = [policy.tokenizer.convert_tokens_to_ids(c) for c in "0123456789"]
+    constraint = CountingConstraint(policy.tokenizer, digits, length=3)
+    policy._constraint_factory = lambda tokenizer, spec: constraint
+    samples = [s for group in policy.sample(PROMPTS, n=3, constraint_spec=SPEC) for s in group]
+    for s in samples:
+        assert s.completion_ids[:3] == [t for t in s.completion_ids[:3] if t in digits]
+        assert s.completion_ids[3:] == [policy.tokenizer.eos_token_id]  # EOS forced, then generation stops
+        assert policy.tokenizer.decode(s.prompt_ids).endswith("<|im_start|>assistant\n```json\n")
+        body = policy.tokenizer.decode(s.completion_ids, skip_special_tokens=True)
+        assert s.text == "```json\n" + body + "\n```"
+        assert s.constraint is constraint
+        masks = constraint.token_masks(s.completion_ids)
+        torch.testing.assert_close(torch.tensor(s.logprobs), recompute_logprobs(policy, s, masks), atol=1e-5, rtol=0)
+        assert s.logprobs[3] == pytest.approx(0.0, abs=1e-6)  # the forced EOS had probability 1
+    with torch.no_grad():
+        batched, mask = policy.token_logprobs(samples)
+    expected = torch.tensor([lp for s in samples for lp in s.logprobs])
+    torch.testing.assert_close(batched[mask], expected, atol=1e-5, rtol=0)
+
+
+def test_constraint_is_built_once_per_spec(make_tiny_policy):
+    policy = make_tiny_policy()
+    built = []
+    policy._constraint_factory = lambda tokenizer, spec: built.append(spec) or CountingConstraint(tokenizer, [5])
+    policy.sample(["a"], n=1, constraint_spec=SPEC)
+    policy.sample(["b"], n=1, constraint_spec=SPEC)
+    assert built == [SPEC]
+
+
+def test_token_logprobs_rejects_a_token_its_constraint_forbids(tiny_policy):
+    constraint = CountingConstraint(tiny_policy.tokenizer, [5, 6], length=2)
+    bad = Sample("x", [1, 2, 3], [7, 5], [0.0, 0.0], constraint=constraint)
+    with pytest.raises(ValueError, match="breaks the constraint"):
+        tiny_policy.token_logprobs([bad])
+
+
+def test_bad_sampling_arguments_are_rejected(tiny_policy):
+    with pytest.raises(TypeError, match="list of strings"):
+        tiny_policy.sample("not a list", n=1)
+    with pytest.raises(ValueError, match="n \\(replies per prompt\\)"):
+        tiny_policy.sample(["a"], n=0)
+    with pytest.raises(ValueError, match="temperature"):
+        PolicyConfig(temperature=0.0)
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        LocalPolicy.from_pretrained(str(missing), PolicyConfig(device="cpu"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        LocalPolicy.from_pretrained(str(tmp_path / "empty"), PolicyConfig(device="cpu"))
+
+
+def test_local_folder_loads_with_the_cpu_default_lora_rank(tiny_tokenizer, tmp_path, one_thread):
+    build_model(tiny_tokenizer).save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
+    policy = LocalPolicy.from_pretrained(str(tmp_path / "tiny"), PolicyConfig(device="cpu", max_new_tokens=4))
+    assert policy.model.peft_config["default"].r == default_lora_rank(torch.device("cpu")) == 8
+    assert policy.model.peft_config["default"].lora_alpha == 16
+    assert default_lora_rank(torch.device("cuda")) == 32
+    assert len(policy.sample(["hi"], n=2)[0]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when there is no GPU")
+def test_asking_for_cuda_without_a_gpu_is_an_error(tiny_tokenizer):
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        LocalPolicy(build_model(tiny_tokenizer), tiny_tokenizer, PolicyConfig(device="cuda"))
+
+
+def perturb_adapter(policy: LocalPolicy, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def logits(policy: LocalPolicy) -> torch.Tensor:
+    with torch.no_grad():
+        return policy.model(input_ids=torch.tensor([[5, 9, 14, 20, 33]])).logits
+
+
+def test_adapter_save_load_round_trip_restores_the_logits(make_tiny_policy, tmp_path):
+    trained, fresh = make_tiny_policy(), make_tiny_policy()
+    perturb_adapter(trained, seed=1)
+    trained.save_adapter(tmp_path / "adapter")
+    perturb_adapter(trained, seed=2)
+    trained.save_adapter(tmp_path / "adapter")  # replaces the first save
+    assert not torch.allclose(logits(fresh), logits(trained))
+    fresh.load_adapter(tmp_path / "adapter")
+    torch.testing.assert_close(logits(fresh), logits(trained))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp folders left behind
+
+
+def test_loading_an_adapter_of_another_rank_is_rejected(make_tiny_policy, tmp_path):
+    make_tiny_policy(lora_rank=4).save_adapter(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="rank 4"):
+        make_tiny_policy(lora_rank=8).load_adapter(tmp_path / "adapter")
+    with pytest.raises(FileNotFoundError, match="no saved adapter"):
+        make_tiny_policy().load_adapter(tmp_path / "nowhere")
+
+
+def test_cache_dir_follows_discover_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("DISCOVER_CACHE", str(tmp_path))
+    assert embedded_cache_dir() == tmp_path / EMBEDDED_NAME
+    monkeypatch.delenv("DISCOVER_CACHE")
+    assert embedded_cache_dir() == Path.home() / ".cache" / "discover" / EMBEDDED_NAME
+
+
+@pytest.mark.embedded
+def test_embedded_model_is_converted_once_and_then_loads_offline(embedded_model_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = json.loads((embedded_model_dir / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert (embedded_model_dir / "model.safetensors").is_file()
+    assert [p.name for p in embedded_model_dir.parent.iterdir()] == [EMBEDDED_NAME]  # no temp folder left
+    stamp = (embedded_model_dir / "model.safetensors").stat().st_mtime_ns
+    assert ensure_embedded_model(embedded_model_dir) == embedded_model_dir
+    assert (embedded_model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    started = time.perf_counter()
+    policy = LocalPolicy.from_pretrained(str(embedded_model_dir), PolicyConfig(device="cpu", max_new_tokens=8))
+    assert time.perf_counter() - started < 20
+    [[sample]] = policy.sample(["What is 2 + 2?"], n=1)
+    assert "<|im_start|>assistant\n" in policy.tokenizer.decode(sample.prompt_ids)
+    assert 1 <= len(sample.completion_ids) <= 8 and isinstance(sample.text, str)
