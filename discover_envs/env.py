@@ -55,9 +55,7 @@ class DiscoverEnv(gym.Env[str, str]):
         """Shape of a construction (kind, lengths, bounds, arity), or None for code-only tasks."""
         return getattr(self.problem, "construction_spec", None)
 
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[str, dict[str, Any]]:
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         super().reset(seed=seed)
         options = dict(options or {})
         unknown = set(options) - {"state"}
@@ -78,9 +76,7 @@ class DiscoverEnv(gym.Env[str, str]):
             raise InvalidState(f"state has unknown keys {sorted(unknown)} / lacks keys {sorted(missing)}")
         expected_id = content_id(state["construction"], state["code"])
         if state.get("id") not in (None, expected_id):
-            raise InvalidState(
-                f"state id {state['id']!r} does not match its content (expected {expected_id})"
-            )
+            raise InvalidState(f"state id {state['id']!r} does not match its content (expected {expected_id})")
         claimed = state["score"]
         if isinstance(claimed, bool) or not isinstance(claimed, (int, float)) or not math.isfinite(claimed):
             raise InvalidState(f"state score must be a finite number, got {claimed!r}")

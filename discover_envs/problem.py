@@ -190,9 +190,7 @@ class ConstructionProblem(Problem):
             raise InvalidSolution(f"construction must be {shape}, got an array of shape {array.shape}")
         n = array.shape[0]
         if not spec.min_length <= n <= spec.max_length:
-            raise InvalidSolution(
-                f"construction has {n} elements; allowed {spec.min_length}..{spec.max_length}"
-            )
+            raise InvalidSolution(f"construction has {n} elements; allowed {spec.min_length}..{spec.max_length}")
         bad = ~np.isfinite(array)
         if bad.any():
             index = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -200,9 +198,7 @@ class ConstructionProblem(Problem):
         outside = (array < spec.low) | (array > spec.high)
         if outside.any():
             index = tuple(int(i) for i in np.argwhere(outside)[0])
-            raise InvalidSolution(
-                f"value {array[index]!r} at index {index} is outside [{spec.low}, {spec.high}]"
-            )
+            raise InvalidSolution(f"value {array[index]!r} at index {index} is outside [{spec.low}, {spec.high}]")
         return array
 
     def verify(self, construction: Any) -> tuple[np.ndarray, float]:
