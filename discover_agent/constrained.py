@@ -233,13 +233,13 @@ class JsonArrayConstraint:
                     node = node.children.setdefault(char, _Node())
                 node.ids.append(token_id)
                 longest = max(longest, len(text))
-        self._needed_chars(max_decimals)
+        self._check_single_chars(max_decimals)
         #: A token completes at most `longest` elements, so counts further than that from the length
         #: limits behave alike (see `_key`).
         self._horizon = longest + 1
         self._allowed: dict[Any, torch.Tensor] = {}
 
-    def _needed_chars(self, max_decimals: int) -> None:
+    def _check_single_chars(self, max_decimals: int) -> None:
         """Single-character tokens for every character the grammar may need, so it never reaches a state
         that no token can continue."""
         needed = set("0123456789,[]") | ({"."} if max_decimals > 0 else set())

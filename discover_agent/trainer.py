@@ -114,7 +114,7 @@ class Trainer:
                 weights = shaped[row : row + len(chunk), :steps]
                 loss = -(ratio * weights * mask).sum() / tokens
                 loss.backward()
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
                 ratio_sum += float((ratio.detach() * mask).sum())
                 row += len(chunk)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm, error_if_nonfinite=True)
