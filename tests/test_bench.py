@@ -7,7 +7,6 @@ import time
 
 import gymnasium as gym
 import pytest
-from tiny_model import build_model, build_tokenizer
 
 from discover_agent.agents import Agent, RunResult
 from discover_agent.bench import AgentSpec, run_bench, write_leaderboards
@@ -37,18 +36,9 @@ class ConstantAgent(Agent):
         )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = build_tokenizer()
-    build_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def test_bench_runs_every_agent_and_seed_at_the_same_budget_then_writes_leaderboards(model_dir, tmp_path):
+def test_bench_runs_every_agent_and_seed_at_the_same_budget_then_writes_leaderboards(tiny_model_dir, tmp_path):
     common = {
-        "model": str(model_dir), "env_kwargs": {"n": 3}, "groups": 1, "group_size": 2, "max_new_tokens": 40,
+        "model": str(tiny_model_dir), "env_kwargs": {"n": 3}, "groups": 1, "group_size": 2, "max_new_tokens": 40,
         "device": "cpu",
     }  # fmt: skip
     agents = ["ttt", "best-of-n", "puct", "test_bench:ConstantAgent"]

@@ -5,31 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_model import build_model, build_tokenizer
 
 from discover_agent.cli import main
 from discover_agent.storage import read_jsonl
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = build_tokenizer()
-    build_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def run_args(model_dir, out, *extra):
+def run_args(tiny_model_dir, out, *extra):
     return [
-        "run", "discover/AC1-v0", "--model", str(model_dir), "--env-kwargs", '{"n": 3}', "--steps", "1",
+        "run", "discover/AC1-v0", "--model", str(tiny_model_dir), "--env-kwargs", '{"n": 3}', "--steps", "1",
         "--groups", "1", "--group-size", "2", "--max-new-tokens", "40", "--device", "cpu", "--out", str(out), *extra,
     ]  # fmt: skip
 
 
-def test_run_then_resume_extends_the_same_folder(model_dir, tmp_path, capsys):
+def test_run_then_resume_extends_the_same_folder(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(run_args(model_dir, out)) == 0
+    assert main(run_args(tiny_model_dir, out)) == 0
     assert "best score" in capsys.readouterr().out
     saved = json.loads((out / "config.json").read_text())
     assert saved["config_class"] == "TTTConfig" and saved["env_kwargs"] == {"n": 3}
@@ -37,9 +27,9 @@ def test_run_then_resume_extends_the_same_folder(model_dir, tmp_path, capsys):
     assert [r["step"] for r in read_jsonl(out / "rollouts.jsonl")] == [0, 0, 1, 1]
 
 
-def test_baseline_agent_is_chosen_by_flag(model_dir, tmp_path):
+def test_baseline_agent_is_chosen_by_flag(tiny_model_dir, tmp_path):
     out = tmp_path / "bon"
-    assert main(run_args(model_dir, out, "--agent", "best-of-n")) == 0
+    assert main(run_args(tiny_model_dir, out, "--agent", "best-of-n")) == 0
     assert json.loads((out / "checkpoint.json").read_text())["agent"] == "best-of-n"
 
 
@@ -49,8 +39,8 @@ def test_envs_lists_every_registered_id(capsys):
     assert {"discover/ErdosMinOverlap-v0", "discover/AC1-v0", "discover/CirclePacking26-v0"} <= set(listed)
 
 
-def test_unknown_env_is_a_clear_error(model_dir, tmp_path, capsys):
-    args = run_args(model_dir, tmp_path / "x")
+def test_unknown_env_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    args = run_args(tiny_model_dir, tmp_path / "x")
     args[1] = "discover/NoSuchProblem-v0"
     assert main(args) == 2
     assert "NoSuchProblem" in capsys.readouterr().err
@@ -61,15 +51,15 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_bad_flag_value_exits_with_usage_error(model_dir, tmp_path, capsys):
+def test_bad_flag_value_exits_with_usage_error(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(run_args(model_dir, tmp_path / "x", "--steps", "many"))
+        main(run_args(tiny_model_dir, tmp_path / "x", "--steps", "many"))
     assert exc.value.code == 2
     assert "--steps" in capsys.readouterr().err
 
 
-def test_bad_env_kwargs_json_is_rejected(model_dir, tmp_path, capsys):
-    args = run_args(model_dir, tmp_path / "x")
+def test_bad_env_kwargs_json_is_rejected(tiny_model_dir, tmp_path, capsys):
+    args = run_args(tiny_model_dir, tmp_path / "x")
     args[args.index("--env-kwargs") + 1] = "[1, 2]"
     with pytest.raises(SystemExit):
         main(args)
