@@ -142,7 +142,9 @@ class SearchAgent(Agent):
                     children = [info["next_state"] for _, info in group.outcomes if info["valid"]]
                     sampler.update(group.parent, children)
                     for child in children:
-                        checkpoint["lineage"][child["id"]] = [child["parent_id"], child["score"], step]
+                        # A state found again (e.g. the start state copied back) keeps its first parent.
+                        if child["id"] != checkpoint["initial"]["id"]:
+                            checkpoint["lineage"].setdefault(child["id"], [child["parent_id"], child["score"], step])
                 metrics = self.learn(groups)
                 checkpoint["rollouts"] += sum(len(g.samples) for g in groups)
                 checkpoint["tokens"] += gen_tokens
@@ -257,13 +259,17 @@ class SearchAgent(Agent):
 
 
 def _lineage(state: dict[str, Any], lineage: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """The chain of ancestors of `state` back to the start state, oldest first."""
-    chain, current = [], state["id"]
-    while current in lineage:
-        parent, score, step = lineage[current]
+    """The chain of ancestors of `state` back to the start state, oldest first (a cycle ends the walk)."""
+    chain: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    current = state["id"]
+    while current not in seen:
+        seen.add(current)
+        parent, score, step = lineage.get(current, [None, None, None])
         chain.append({"id": current, "score": score, "step": step})
+        if parent is None:
+            break
         current = parent
-    chain.append({"id": current, "score": None, "step": None})
     return chain[::-1]
 
 

@@ -160,7 +160,13 @@ def write_leaderboards(runs: Path, dest: Path) -> list[Path]:
         plot_leaderboard(entries, dest / f"{name}.png", f"{env_id} {entries[0].get('env_kwargs') or ''}", figure)
         written += [dest / f"{name}.{ext}" for ext in ("json", "md", "png")]
         agents = ", ".join(sorted({e["agent"] for e in entries}))
-        index.append(f"- [{env_id}]({name}.md): {len(entries)} runs; agents {agents}")
+        budgets = ", ".join(str(b) for b in sorted({e["rollouts"] for e in entries}))
+        wall = sum(e["wall_s"] for e in entries)
+        index.append(
+            f"- [{env_id}]({name}.md): {len(entries)} runs of {agents}; rollouts per run {budgets}; "
+            f"env arguments {entries[0].get('env_kwargs') or {}}; model {entries[0]['model']}; "
+            f"total wall time {wall / 60:.1f} min"
+        )
     readme = "# Leaderboards\n\nWritten by `discover leaderboard`; each entry holds the command that reproduces it.\n\n"
     atomic_write_bytes(dest / "README.md", (readme + "\n".join(index) + "\n").encode())
     return [*written, dest / "README.md"]

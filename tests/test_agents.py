@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import json
 
+import gymnasium as gym
 import pytest
 import torch
 
-from discover_agent.agents import AGENTS, BestOfN, RunResult, TTTDiscover
+from discover_agent.agents import AGENTS, BestOfN, PUCTSearch, RunResult, TTTDiscover, _lineage
 from discover_agent.config import TTTConfig
+from discover_agent.policy import Sample
 from discover_agent.storage import read_jsonl
 
 ENV = "discover/AC1-v0"
@@ -106,3 +108,26 @@ def test_config_of_the_wrong_class_is_rejected(make_tiny_policy, tmp_path):
     with pytest.raises(TypeError, match="TTTConfig"):
         TTTDiscover(config_for(BestOfN, tmp_path))
     assert isinstance(config_for(TTTDiscover, tmp_path), TTTConfig)
+
+
+class EchoPolicy:
+    """Replies with a fixed construction: here the start state itself, so a child has its parent's id."""
+
+    def __init__(self, construction):
+        self.text = "```json\n" + json.dumps(construction) + "\n```"
+
+    def sample(self, prompts, n, constraint_spec=None):
+        return [[Sample(text=self.text, prompt_ids=[], completion_ids=[1], logprobs=[0.0])] * n for _ in prompts]
+
+
+def test_a_reply_that_repeats_its_start_state_does_not_loop_the_lineage(tmp_path):
+    _, info = gym.make(ENV, **ENV_KWARGS).reset(seed=0)
+    cfg = config_for(PUCTSearch, tmp_path, steps=2)
+    result = PUCTSearch(cfg, policy=EchoPolicy(info["state"]["construction"])).run(progress=False)
+    lineage = json.loads((tmp_path / "run" / "best.json").read_text())["lineage"]
+    assert result.best["id"] == info["state"]["id"]
+    assert [link["id"] for link in lineage] == [info["state"]["id"]]
+
+
+def test_lineage_stops_at_a_cycle():
+    assert [link["id"] for link in _lineage({"id": "a"}, {"a": ["b", 1.0, 0], "b": ["a", 0.5, 0]})] == ["b", "a"]
