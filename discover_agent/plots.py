@@ -52,9 +52,10 @@ def plot_leaderboard(entries: list[dict[str, Any]], path: Path, title: str, scor
         grid = sorted({x for curve in curves for x, _ in curve})
         values = np.array([[_value_at(curve, x) for x in grid] for curve in curves])
         mean = np.nanmean(values, axis=0)
-        line = ax.plot(grid, mean, label=f"{agent} (n={len(curves)})")[0]
+        line = ax.plot(grid, mean, label=f"{agent} (n={len(curves)})", drawstyle="steps-post", marker="o")[0]
         if len(curves) > 1:
-            ax.fill_between(grid, np.nanmin(values, 0), np.nanmax(values, 0), color=line.get_color(), alpha=0.2)
+            low, high = np.nanmin(values, 0), np.nanmax(values, 0)
+            ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2, step="post")
     ax.set(xlabel="rollouts", ylabel=score_name, title=title)
     ax.legend()
     fig.savefig(path, dpi=110)
