@@ -257,8 +257,10 @@ def test_bwrap_host_stays_read_only_even_after_a_remount_attempt(where):
     )
     try:
         result = run_function(code, "run", {}, limits("bwrap"))
-        assert result.error.startswith("`run` raised OSError: [Errno 30] Read-only file system")
         assert not target.exists()
+        # A checkout under /tmp (a CI clone) sits below the sandbox's private /tmp: the write lands there.
+        if not folder.is_relative_to("/tmp"):
+            assert result.error.startswith("`run` raised OSError: [Errno 30] Read-only file system")
     finally:
         target.unlink(missing_ok=True)
 
