@@ -56,6 +56,13 @@ class AgentConfig:
     executor: str = knob("local", "Where evaluations run: local (thread pool) or ray.")
     ray_address: str | None = knob(None, "Ray cluster address for --executor ray (default: start a local one).")
 
+    def __post_init__(self) -> None:
+        for name, low in (("steps", 0), ("groups", 1), ("group_size", 1), ("workers", 1), ("max_new_tokens", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+
     def resolved_env_kwargs(self) -> dict[str, Any]:
         return dict(CPU_PRESETS.get(self.env, {}) if self.env_kwargs is None else self.env_kwargs)
 

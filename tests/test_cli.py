@@ -70,3 +70,8 @@ def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["resume", str(tmp_path)])
     assert "config.json" in capsys.readouterr().err
+
+
+def test_nonsense_budget_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    assert main(run_args(tiny_model_dir, tmp_path / "x", "--group-size", "0")) == 2
+    assert "group_size must be >= 1" in capsys.readouterr().err
