@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_progress(rollouts: list[dict[str, Any]], path: Path, title: str, score_name: str) -> None:
@@ -35,6 +36,11 @@ def plot_progress(rollouts: list[dict[str, Any]], path: Path, title: str, score_
         colors = ["tab:blue" if v else "tab:red" for v in valid]
         ax_reward.scatter(np.asarray(jitter) + step, rewards, s=12, c=colors, alpha=0.7)
     ax_reward.set(xlabel="step", ylabel="reward", title="rewards per step (red: invalid)")
+    for ax in (ax_best, ax_reward):
+        if len(steps) <= 20:
+            ax.set_xticks(steps)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
