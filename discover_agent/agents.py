@@ -25,7 +25,6 @@ from discover_agent.objective import entropic_advantages, mean_baseline_advantag
 from discover_agent.plots import plot_progress
 from discover_agent.rundir import RunDir
 from discover_agent.sampler import FixedSampler, GreedySampler, PUCTSampler, Sampler
-from discover_agent.storage import read_jsonl
 
 
 @dataclass
@@ -118,8 +117,9 @@ class SearchAgent(Agent):
             sampler = self.make_sampler(checkpoint["initial"])
             sampler.load_state_dict(buffer)
             self.restore_extra(run_dir)
-            run_dir.drop_rows_after(checkpoint["step"])
+            history = run_dir.drop_rows_after(checkpoint["step"])
         else:
+            history = []
             _, info = env.reset(seed=cfg.seed)
             sampler = self.make_sampler(info["state"])
             checkpoint = {
@@ -154,7 +154,7 @@ class SearchAgent(Agent):
                 checkpoint["curve"].append([checkpoint["rollouts"], best["score"]])
                 row = self._metrics_row(step, groups, best, metrics, gen_tokens, time.perf_counter() - tick)
                 checkpoint["metrics"].append(row)
-                self._save(run_dir, step, groups, sampler, checkpoint, problem)
+                self._save(run_dir, step, groups, sampler, checkpoint, problem, history)
                 bar.update(1)
                 bar.set_postfix(
                     best=f"{best['score']:.6g}", mean_r=f"{row['mean_reward']:.4g}", valid=row["valid_frac"],
@@ -224,7 +224,10 @@ class SearchAgent(Agent):
         sampler: Sampler,
         checkpoint: dict[str, Any],
         problem: Any,
+        history: list[dict[str, Any]],
     ) -> None:
+        """Log the step's rollouts, then checkpoint, best, metrics and plot; `history` (the rows logged so
+        far) is extended in place so the plot never re-reads the growing log."""
         rows = []
         for group in groups:
             for sample, (reward, info) in zip(group.samples, group.outcomes, strict=True):
@@ -234,6 +237,7 @@ class SearchAgent(Agent):
                     "id": info["next_state"]["id"] if info["valid"] else None, "reply": sample.text,
                 })  # fmt: skip
         run_dir.log_rollouts(rows)
+        history.extend(rows)
         self.checkpoint_extra(run_dir)
         run_dir.save_step(sampler.state_dict(), checkpoint)
         best = sampler.best()
@@ -247,7 +251,7 @@ class SearchAgent(Agent):
         run_dir.write_best(best, lineage, meta)
         run_dir.write_metrics(checkpoint["metrics"])
         plot_progress(
-            read_jsonl(run_dir.file("rollouts.jsonl")),
+            history,
             run_dir.file("progress.png"),
             f"{self.name} on {self.config.env}",
             getattr(problem, "figure", "score"),

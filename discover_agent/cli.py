@@ -15,12 +15,11 @@ from typing import Any
 from discover_agent.config import AgentConfig, load_config
 
 
-def _field_type(tp: Any) -> tuple[Any, bool]:
-    """(base type, optional) of a config field annotation such as `int | None`."""
+def _field_type(tp: Any) -> Any:
+    """The base type of a config field annotation such as `int | None`."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -40,7 +39,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[AgentConfig]
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        base, _ = _field_type(hints[f.name])
+        base = _field_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
         if base is bool:

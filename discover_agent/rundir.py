@@ -35,10 +35,11 @@ class RunDir:
         buffer = json.loads(self.file("buffer.json").read_text())
         return checkpoint, buffer
 
-    def drop_rows_after(self, step: int) -> None:
-        """On resume, forget log lines of steps that did not finish (they are redone)."""
+    def drop_rows_after(self, step: int) -> list[dict[str, Any]]:
+        """On resume, forget log lines of steps that did not finish (they are redone); returns the rest."""
         kept = [row for row in read_jsonl(self.file("rollouts.jsonl")) if row["step"] < step]
         atomic_write_bytes(self.file("rollouts.jsonl"), "".join(json.dumps(r) + "\n" for r in kept).encode())
+        return kept
 
     def log_rollouts(self, rows: list[dict[str, Any]]) -> None:
         append_jsonl(self.file("rollouts.jsonl"), rows)
