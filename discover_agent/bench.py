@@ -2,25 +2,31 @@
 
 `run_bench` writes one `result.json` per run (the entry, with the exact command that reproduces it);
 `write_leaderboards` gathers them into leaderboards/<env-slug>.{json,md,png} and an index README.md.
+The budget is enforced by counting `env.step` calls (a wrapper added to the env id while a run lasts), not
+by trusting the rollouts an agent reports; any Gymnasium text env following the README's contract works.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import importlib
 import json
 import math
 import shlex
-from collections import defaultdict
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
 
 import discover_envs  # noqa: F401 - registers the env ids
-from discover_agent.agents import AGENTS, Agent, PUCTSearch
+from discover_agent.agents import AGENTS, Agent, PUCTSearch, open_env
 from discover_agent.config import AgentConfig
 from discover_agent.plots import plot_leaderboard
 from discover_agent.storage import atomic_write_bytes, write_json
@@ -59,6 +65,10 @@ class AgentSpec:
     def parse(cls, text: str) -> AgentSpec:
         if text in AGENTS:
             return cls(text, AGENTS[text], {})
+        if text == "openevolve":
+            from discover_agent.openevolve_agent import OpenEvolveAgent
+
+            return cls(text, OpenEvolveAgent, {})
         if text.startswith("openai:"):
             model, sep, url = text.removeprefix("openai:").partition("@")
             if not (model and sep and url):
@@ -76,6 +86,38 @@ class AgentSpec:
         return cls(text, agent_cls, {})
 
 
+class StepCounter(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Counts `step` calls under a run's key, across every env instance (and thread) the run makes."""
+
+    counts: ClassVar[Counter[str]] = Counter()
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, env: gym.Env, key: str) -> None:
+        gym.utils.RecordConstructorArgs.__init__(self, key=key)
+        gym.Wrapper.__init__(self, env)
+        self.key = key
+
+    def step(self, action: Any) -> Any:
+        with self._lock:
+            self.counts[self.key] += 1
+        return self.env.step(action)
+
+
+@contextmanager
+def counting_steps(env_id: str, key: str) -> Iterator[None]:
+    """While open, every `gym.make(env_id)` in this process wraps its env in `StepCounter(key)`."""
+    module, _, name = env_id.rpartition(":")
+    if module:
+        importlib.import_module(module)
+    spec = gym.spec(name)
+    wrapper = gym.envs.registration.WrapperSpec("StepCounter", f"{__name__}:StepCounter", {"key": key})
+    gym.registry[name] = dataclasses.replace(spec, additional_wrappers=(*spec.additional_wrappers, wrapper))
+    try:
+        yield
+    finally:
+        gym.registry[name] = spec
+
+
 def slug(env_id: str) -> str:
     return env_id.replace("discover/", "").replace("/", "-")
 
@@ -91,6 +133,8 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """Run every (env, agent, seed) with `rollouts` replies each; returns the entries (also saved as files)."""
     specs = [AgentSpec.parse(a) for a in agents]
+    if common.get("executor", "local") != "local":
+        raise ValueError("discover bench counts env steps in this process: it runs with --executor local only")
     defaults = AgentConfig()
     per_step = common.get("groups", defaults.groups) * common.get("group_size", defaults.group_size)
     if rollouts < per_step:
@@ -105,9 +149,14 @@ def run_bench(
                     "steps": math.ceil(rollouts / per_step), "max_rollouts": rollouts,
                 }  # fmt: skip
                 config = _config_for(spec.cls, fields)
-                result = spec.cls(config).run(progress=progress)
+                key = str(run_out)
+                with counting_steps(env_id, key):
+                    result = spec.cls(config).run(progress=progress)
+                steps = StepCounter.counts.pop(key, 0)
+                if steps > rollouts:
+                    raise ValueError(f"{spec.label} took {steps} env steps on {env_id}, over the budget of {rollouts}")
                 entry = {
-                    "env": env_id, "agent": spec.label, "model": result.model, "rollouts": result.rollouts,
+                    "env": env_id, "agent": spec.label, "model": result.model, "rollouts": steps,
                     "seed": seed, "best_score": result.best_score, "best_reward": result.best_reward,
                     "wall_s": round(result.wall_s, 2), "tokens": result.tokens,
                     "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -137,7 +186,8 @@ def _command(env_id: str, agent: str, rollouts: int, seed: int, common: dict[str
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + key.replace("_", "-"))
         elif value is not None:
-            parts += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            parts += [flag, json.dumps(value) if isinstance(value, dict) else text]
     return shlex.join([*parts, "--out", str(out)])
 
 
@@ -152,11 +202,13 @@ def write_leaderboards(runs: Path, dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     written, index = [], []
     for env_id, entries in sorted(by_env.items()):
-        problem = gym.make(env_id, **entries[0].get("env_kwargs", {})).unwrapped.problem
+        env = open_env(env_id, entries[0].get("env_kwargs", {}))
+        higher_is_better = env.metadata.get("higher_is_better", True)
+        figure = env.metadata.get("score_name", "score")
+        env.close()
         name = slug(env_id)
-        figure = getattr(problem, "figure", "score")
         write_json(dest / f"{name}.json", entries)
-        atomic_write_bytes(dest / f"{name}.md", _table(env_id, entries, problem.higher_is_better, figure).encode())
+        atomic_write_bytes(dest / f"{name}.md", _table(env_id, entries, higher_is_better, figure).encode())
         plot_leaderboard(entries, dest / f"{name}.png", f"{env_id} {entries[0].get('env_kwargs') or ''}", figure)
         written += [dest / f"{name}.{ext}" for ext in ("json", "md", "png")]
         agents = ", ".join(sorted({e["agent"] for e in entries}))

@@ -1,4 +1,9 @@
-"""`discover`: run an agent on a problem, resume a run, list the envs, benchmark agents, write leaderboards."""
+"""`discover`: run an agent on a problem, resume a run, list the envs, benchmark agents, write leaderboards,
+serve a local model over an OpenAI-compatible API.
+
+Every user error ends the command with one line, `discover <cmd>: error: ...`, naming the flag or file, and
+exit code 2.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,27 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from discover_agent.config import AgentConfig, load_config
+from discover_agent.config import (
+    AgentConfig,
+    ConfigError,
+    GreedyConfig,
+    TTTConfig,
+    checked_fields,
+    load_run_config,
+    read_mapping,
+)
+
+#: Flags `discover resume` accepts: the budgets (see `agents.RESUME_OVERRIDES`).
+RESUME_FLAGS = {"steps": int, "max_rollouts": int, "max_wall_s": float, "workers": int}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`discover run: error: ...`, exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _field_type(tp: Any) -> Any:
@@ -32,35 +55,84 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type[AgentConfig], skip: Sequence[str] = ()) -> None:
-    """One flag per config field, with the field's help text and default."""
+def _list_of(item: type) -> Any:
+    """Parse a comma-separated list of `item` values, e.g. "0.9,0.95"."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return [item(part) for part in _csv(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__} values, got {text!r}") from None
+
+    return parse
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type[AgentConfig], skip: Sequence[str] = (), suppress: bool = False
+) -> None:
+    """One flag per config field, with the field's help text and default (`suppress`: a flag not given is
+    absent from the parsed namespace, so the agent's own default applies)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
         base = _field_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS if suppress else default,
+            "help": f"{f.metadata.get('help', '')} (default: {default})",
+        }
         if base is bool:
-            parser.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
-        elif typing.get_origin(base) is dict or base is dict:
-            parser.add_argument(flag, dest=f.name, type=_json_object, default=default, help=help_text)
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            parser.add_argument(flag, dest=f.name, type=base, default=default, help=help_text)
+            origin = typing.get_origin(base) or base
+            if origin is list:
+                kwargs["type"] = _list_of(typing.get_args(base)[0])
+            else:
+                kwargs["type"] = _json_object if origin is dict else base
+        parser.add_argument(flag(f.name), **kwargs)
 
 
-def _run_parser(agent: str) -> argparse.ArgumentParser:
-    from discover_agent.agents import AGENTS
+def _config_file(argv: list[str], parser: Parser, *classes: type[AgentConfig]) -> dict[str, Any]:
+    """The fields of `--config FILE` in `argv` (JSON or YAML), checked against `classes`; {} without one."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is None:
+        return {}
+    try:
+        return checked_fields(read_mapping(known.config), f"--config {known.config}", *classes)
+    except ConfigError as exc:
+        parser.error(str(exc))
 
-    parser = argparse.ArgumentParser(
-        prog="discover run", description="Run one agent on one problem; writes its outputs to --out."
+
+def build_config(cls: type[AgentConfig], fields: dict[str, Any]) -> AgentConfig:
+    """`cls(**fields)`, with a value error naming its flag."""
+    try:
+        return cls(**fields)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag(exc.field)}: {exc}" if exc.field else str(exc), exc.field) from None
+
+
+def _run_parser(agent_cls: Any, agents: Sequence[str]) -> Parser:
+    parser = Parser(
+        prog="discover run",
+        description="Run one agent on one problem into a new --out folder (`discover resume` continues one).",
     )
-    parser.add_argument("env", metavar="ENV_ID", help="e.g. discover/ErdosMinOverlap-v0 (see `discover envs`)")
-    parser.add_argument("--agent", choices=sorted(AGENTS), default="ttt", help="which agent (default: ttt)")
-    add_config_arguments(parser, AGENTS[agent].config_class, skip=("env",))
+    parser.add_argument(
+        "env", metavar="ENV_ID", nargs="?", default=argparse.SUPPRESS,
+        help="e.g. discover/ErdosMinOverlap-v0 (see `discover envs`) or mymodule:my/Env-v0 for a Gymnasium "
+        f"text env of your own (default: {AgentConfig.env})",
+    )  # fmt: skip
+    parser.add_argument("--agent", choices=sorted(agents), default="ttt", help="which agent (default: ttt)")
+    parser.add_argument("--config", type=Path, help="JSON or YAML file of config fields; flags override it")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_arguments(parser, agent_cls.config_class, skip=("env",))
     return parser
 
 
@@ -71,33 +143,42 @@ def cmd_run(argv: list[str]) -> int:
     pre.add_argument("--agent", default="ttt")
     known, _ = pre.parse_known_args(argv)
     if known.agent not in AGENTS:
-        _run_parser("ttt").error(f"unknown agent {known.agent!r}; choose from {', '.join(sorted(AGENTS))}")
-    args = vars(_run_parser(known.agent).parse_args(argv))
-    agent_cls = AGENTS[args.pop("agent")]
-    config = agent_cls.config_class(**args)
-    return _execute(agent_cls, config)
+        Parser(prog="discover run").error(f"unknown agent {known.agent!r}; choose from {', '.join(sorted(AGENTS))}")
+    agent_cls = AGENTS[known.agent]
+    parser = _run_parser(agent_cls, AGENTS)
+    parser.set_defaults(**_config_file(argv, parser, agent_cls.config_class))
+    args = vars(parser.parse_args(argv))
+    quiet = args.pop("quiet")
+    del args["agent"], args["config"]
+    return _execute(agent_cls, build_config(agent_cls.config_class, args), resume=False, quiet=quiet)
 
 
 def cmd_resume(argv: list[str]) -> int:
     from discover_agent.agents import AGENTS
 
-    parser = argparse.ArgumentParser(prog="discover resume", description="Continue a run from its folder.")
+    parser = Parser(
+        prog="discover resume",
+        description="Continue a run from its folder with its saved config; only the budgets may change.",
+    )
     parser.add_argument("out", metavar="DIR", help="the --out folder of an earlier run")
-    parser.add_argument("--steps", type=int, default=None, help="raise the step budget (default: as saved)")
-    args = parser.parse_args(argv)
-    config_path = Path(args.out, "config.json")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    for name, kind in RESUME_FLAGS.items():
+        parser.add_argument(flag(name), dest=name, type=kind, default=None, help=f"new {name} (default: as saved)")
+    args = vars(parser.parse_args(argv))
+    out, quiet = args.pop("out"), args.pop("quiet")
+    config_path = Path(out, "config.json")
     if not config_path.is_file():
-        parser.error(f"{config_path} not found: is {args.out!r} the --out folder of a run?")
-    checkpoint = json.loads(Path(args.out, "checkpoint.json").read_text())
-    config = load_config(config_path)
-    config.out = args.out
-    if args.steps is not None:
-        config.steps = args.steps
-    return _execute(AGENTS[checkpoint["agent"]], config)
+        parser.error(f"{config_path} not found: is {out!r} the --out folder of a run?")
+    agent, saved = load_run_config(config_path)
+    if agent not in AGENTS:
+        parser.error(f"{config_path} names the agent {agent!r}, which is not one of {', '.join(sorted(AGENTS))}")
+    overrides = {key: value for key, value in args.items() if value is not None}
+    config = build_config(type(saved), {**saved.to_dict(), **overrides, "out": out})
+    return _execute(AGENTS[agent], config, resume=True, quiet=quiet)
 
 
-def _execute(agent_cls: Any, config: AgentConfig) -> int:
-    result = agent_cls(config).run()
+def _execute(agent_cls: Any, config: AgentConfig, resume: bool, quiet: bool) -> int:
+    result = agent_cls(config).run(progress=not quiet, resume=resume)
     print(
         f"{result.agent} on {result.env}: best score {result.best_score} (reward {result.best_reward:.6g}) "
         f"after {result.rollouts} rollouts, {result.steps} steps, {result.wall_s:.1f} s -> {result.out}"
@@ -106,7 +187,7 @@ def _execute(agent_cls: Any, config: AgentConfig) -> int:
 
 
 def cmd_envs(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="discover envs", description="List the registered env ids.").parse_args(argv)
+    Parser(prog="discover envs", description="List the registered env ids.").parse_args(argv)
     import discover_envs
 
     for env_id in discover_envs.env_ids():
@@ -121,24 +202,41 @@ def _csv(text: str) -> list[str]:
     return items
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text!r}")
+    return seeds
+
+
 def cmd_bench(argv: list[str]) -> int:
     from discover_agent.bench import run_bench
 
-    parser = argparse.ArgumentParser(
-        prog="discover bench", description="Run every (env, agent, seed) at the same rollout budget."
-    )
+    parser = Parser(prog="discover bench", description="Run every (env, agent, seed) at the same rollout budget.")
     parser.add_argument("--envs", type=_csv, required=True, help="comma-separated env ids")
     parser.add_argument(
         "--agents", type=_csv, default=["ttt", "best-of-n", "puct"],
-        help="comma-separated: ttt, best-of-n, puct, greedy, module:Class, openai:MODEL@URL",
+        help="comma-separated: ttt, best-of-n, puct, greedy, openevolve, module:Class, openai:MODEL@URL",
     )  # fmt: skip
     parser.add_argument("--rollouts", type=int, default=128, help="replies per run (the equal budget)")
-    parser.add_argument("--seeds", type=lambda t: [int(s) for s in _csv(t)], default=[0, 1, 2])
-    add_config_arguments(parser, AgentConfig, skip=("env", "seed", "out", "steps", "max_rollouts"))
+    parser.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
+    parser.add_argument("--config", type=Path, help="JSON or YAML file of config fields; flags override it")
+    skip = ("env", "seed", "out", "steps", "max_rollouts")
+    # Every agent's knobs; each run takes the ones its agent's config has.
+    add_config_arguments(parser, TTTConfig, skip=skip, suppress=True)
+    add_config_arguments(parser, GreedyConfig, skip=(*skip, *(f.name for f in dataclasses.fields(AgentConfig))),
+                         suppress=True)  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for the runs")
+    from_file = _config_file(argv, parser, TTTConfig, GreedyConfig)
     args = vars(parser.parse_args(argv))
     envs, agents, rollouts, seeds, out = (args.pop(k) for k in ("envs", "agents", "rollouts", "seeds", "out"))
-    entries = run_bench(envs, agents, rollouts, seeds, out, args)
+    args.pop("config")
+    if rollouts < 1:
+        parser.error(f"--rollouts must be >= 1, got {rollouts}")
+    entries = run_bench(envs, agents, rollouts, seeds, out, {**from_file, **args})
     for e in entries:
         print(f"{e['env']}  {e['agent']:<12} seed {e['seed']}: best {e['best_score']}  ({e['wall_s']} s)")
     return 0
@@ -147,7 +245,7 @@ def cmd_bench(argv: list[str]) -> int:
 def cmd_leaderboard(argv: list[str]) -> int:
     from discover_agent.bench import write_leaderboards
 
-    parser = argparse.ArgumentParser(prog="discover leaderboard", description="Write leaderboards from bench runs.")
+    parser = Parser(prog="discover leaderboard", description="Write leaderboards from bench runs.")
     parser.add_argument("runs", type=Path, help="the --out folder of `discover bench`")
     parser.add_argument("--write", type=Path, default=Path("leaderboards"), help="destination folder")
     args = parser.parse_args(argv)
@@ -156,9 +254,37 @@ def cmd_leaderboard(argv: list[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: list[str]) -> int:
+    parser = Parser(
+        prog="discover serve",
+        description="Serve a local model over an OpenAI-compatible API (/v1/models, /v1/chat/completions); "
+        "response_format JSON schemas of constructions are enforced by the construction grammar.",
+    )
+    parser.add_argument("--model", default=None, help="local HF model folder (default: the embedded SmolLM2)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--name", default=None, help="model id shown by /v1/models (default: from --model)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling sequence (default: 0)")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="cap on a request's max_tokens (default: 1024)")
+    args = parser.parse_args(argv)
+    from discover_agent.serve import serve
+
+    serve(args.model, args.host, args.port, args.device, args.seed, args.name, args.max_tokens)
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run, "resume": cmd_resume, "envs": cmd_envs, "bench": cmd_bench, "leaderboard": cmd_leaderboard,
+    "serve": cmd_serve,
 }  # fmt: skip
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause (a bad value, file, folder, endpoint), as opposed to a bug worth a traceback."""
+    from discover_agent.openai_policy import EndpointError
+
+    return (ValueError, OSError, ImportError, EndpointError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"discover {argv[0]}: error: {exc}", file=sys.stderr)
+    except _user_errors() as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"discover {argv[0]}: error: {message}", file=sys.stderr)
         return 2

@@ -1,12 +1,19 @@
-"""One config dataclass per agent (as in TRL): each knob with its reason, shown by --help, saved per run."""
+"""One config dataclass per agent (as in TRL): every knob with its reason, shown by --help, saved per run.
+
+The agent builds its components (env, policy, trainer, sampler, executor) from this config alone, in
+`discover_agent.agents`; `--config FILE` (JSON or YAML) sets any field and command-line flags override it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 def knob(default: Any, help: str, **kwargs: Any) -> Any:
@@ -27,6 +34,32 @@ CPU_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class ConfigError(ValueError):
+    """A config value, field or file that cannot be used; the message names it, and `field` the field."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _at_least(config: Any, low: float, *names: str, optional: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+            raise ConfigError(f"{name} must be a number >= {low:g}, got {value!r}", name)
+
+
+def _finite_positive(config: Any, *names: str, optional: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a finite number > 0, got {value!r}", name)
+
+
 @dataclass
 class AgentConfig:
     """Knobs every agent shares: the problem, the budget, the policy and where the run is written."""
@@ -38,41 +71,59 @@ class AgentConfig:
     steps: int = knob(8, "Training/search steps; each samples groups * group_size rollouts.")
     groups: int = knob(2, "Start states (groups) picked per step.")
     group_size: int = knob(4, "Replies sampled per start state; advantages are computed within a group.")
+    initial_states: int = knob(1, "Start states drawn with reset(seed=...) to fill the buffer (duplicates merged).")
     max_rollouts: int | None = knob(None, "Stop after this many rollouts (replies), whatever --steps says.")
     max_wall_s: float | None = knob(None, "Stop after this many seconds of wall clock (checked between steps).")
-    seed: int = knob(0, "Seed of the env's start state, the sampler and the policy's sampling.")
-    out: str = knob("runs/latest", "Output folder: rollouts.jsonl, buffer.json, best.json, metrics.csv, progress.png.")
+    seed: int = knob(0, "Seed of the start states, the sampler and the sampling of each step (from seed, step).")
+    out: str = knob("runs/latest", "Output folder: rollouts.jsonl, buffer, best.json, metrics.csv, progress.png.")
     model: str | None = knob(None, "Local HF folder or model id; default: the embedded SmolLM2-135M-Instruct.")
     endpoint: str | None = knob(
         None, "OpenAI-compatible base URL to sample from instead of a local model (sampling-only agents)."
     )
     device: str = knob("auto", "Torch device for a local model: auto, cpu or cuda.")
     temperature: float = knob(1.0, "Sampling temperature.")
-    max_new_tokens: int = knob(256, "Longest reply in tokens.")
+    max_new_tokens: int | None = knob(
+        None, "Longest reply in tokens; default: enough for the env's construction spec, else 256."
+    )
+    batch_size: int = knob(8, "Sequences per generate call of a local model (a step's replies are split into these).")
+    share_prefix: bool = knob(
+        True, "Run each distinct prompt once and share its keys/values with its replies (local models)."
+    )
     constrained: bool = knob(
-        True, "Grammar-constrain replies to a valid ```json construction (construction envs, local models)."
+        True,
+        "Constrain replies to a valid ```json construction (construction envs; a grammar for local models, "
+        "a JSON schema in response_format for --endpoint).",
+    )
+    unsafe_no_isolation: bool = knob(
+        False,
+        "UNSAFE: let candidate code run without a namespace sandbox where bubblewrap cannot work (a root "
+        "parent refuses otherwise); passed to the env as unsafe_no_isolation=True.",
     )
     workers: int = knob(2, "Parallel evaluations (sandboxed processes).")
     executor: str = knob("local", "Where evaluations run: local (thread pool) or ray.")
     ray_address: str | None = knob(None, "Ray cluster address for --executor ray (default: start a local one).")
 
     def __post_init__(self) -> None:
-        for name, low in (("steps", 0), ("groups", 1), ("group_size", 1), ("workers", 1), ("max_new_tokens", 1)):
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        _at_least(self, 0, "steps", "seed")
+        _at_least(self, 1, "groups", "group_size", "initial_states", "workers", "batch_size")
+        _at_least(self, 1, "max_rollouts", "max_new_tokens", optional=True)
+        _finite_positive(self, "temperature")
+        _finite_positive(self, "max_wall_s", optional=True)
+        if not str(self.out).strip():
+            raise ConfigError("out must name a folder, got an empty string", "out")
+        if not self.env:
+            raise ConfigError("env must be a Gymnasium id, got an empty string", "env")
+        if self.executor not in ("local", "ray"):
+            raise ConfigError(f"executor must be 'local' or 'ray', got {self.executor!r}", "executor")
+        if self.env_kwargs is not None and not isinstance(self.env_kwargs, dict):
+            raise ConfigError(f"env_kwargs must be a JSON object, got {self.env_kwargs!r}", "env_kwargs")
 
     def resolved_env_kwargs(self) -> dict[str, Any]:
-        return dict(CPU_PRESETS.get(self.env, {}) if self.env_kwargs is None else self.env_kwargs)
+        kwargs = dict(CPU_PRESETS.get(self.env, {}) if self.env_kwargs is None else self.env_kwargs)
+        return {**kwargs, "unsafe_no_isolation": True} if self.unsafe_no_isolation else kwargs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def save(self, path: Path) -> None:
-        from discover_agent.storage import write_json
-
-        write_json(path, {"config_class": type(self).__name__, **self.to_dict()})
 
 
 @dataclass
@@ -81,18 +132,58 @@ class PUCTConfig(AgentConfig):
 
     puct_c: float = knob(1.0, "Exploration constant c of the PUCT score.")
     buffer_size: int = knob(1000, "Most states kept in the buffer (the best is always kept).")
+    children_per_parent: int = knob(2, "Children of a parent kept in the buffer (its best ones).")
+    visits: str = knob(
+        "expansions", "PUCT visit counting: expansions (the paper's appendix, default) or rollouts (released code)."
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, 0, "puct_c")
+        _at_least(self, 1, "buffer_size", "children_per_parent")
+        if self.visits not in ("expansions", "rollouts"):
+            raise ConfigError(f"visits must be 'expansions' or 'rollouts', got {self.visits!r}", "visits")
 
 
 @dataclass
 class TTTConfig(PUCTConfig):
-    """TTT-Discover: PUCT reuse + entropic advantages + LoRA updates at test time."""
+    """TTT-Discover: PUCT reuse + entropic advantages + LoRA updates at test time.
+
+    The trainer and LoRA knobs carry the names of `TrainerConfig` / `PolicyConfig` fields, which they fill.
+    """
 
     lr: float = knob(4e-5, "AdamW learning rate of the LoRA weights.")
-    kl_coef: float = knob(0.1, "lambda of the per-token KL shaping against the base model (LoRA disabled).")
+    kl_coef: float | None = knob(
+        None,
+        "lambda of the per-token KL shaping against the base model (LoRA disabled); default: the paper's value "
+        "for the task (0.01 for algorithm engineering, else 0.1; `trainer.default_kl_coef`).",
+    )
     beta: float | None = knob(None, "Entropic temperature; default: adaptive, so that KL(q || uniform) = ln 2.")
     baseline: str = knob("entropic", "Advantage estimator: entropic (the paper) or mean (GRPO-style ablation).")
     lora_rank: int | None = knob(None, "LoRA rank; default 32 on GPU, 8 on CPU.")
-    max_grad_norm: float = knob(1.0, "Gradient clipping norm.")
+    lora_alpha: float | None = knob(None, "LoRA alpha; default 2 * rank, so the adapter's scale stays 2.")
+    lora_dropout: float = knob(0.0, "LoRA dropout; 0 keeps training log-probs equal to the sampling ones.")
+    lora_lm_head: bool = knob(False, "Also put LoRA on the unembedding (lm_head), as the paper's training service.")
+    target_modules: list[str] | None = knob(
+        None, "Comma-separated module names that get LoRA weights; default: attention and MLP projections."
+    )
+    max_grad_norm: float | None = knob(None, "Gradient clipping norm; default: no clipping (the released code).")
+    betas: list[float] = knob([0.9, 0.95], "Adam's beta1,beta2; (0.9, 0.95) as the released code.")
+    micro_batch_size: int = knob(8, "Replies per forward/backward pass of the update (memory, not maths).")
+    weight_decay: float = knob(0.0, "AdamW weight decay of the LoRA weights.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _finite_positive(self, "lr")
+        _finite_positive(self, "beta", "max_grad_norm", optional=True)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}", "betas")
+        _at_least(self, 0, "lora_dropout", "weight_decay")
+        _at_least(self, 0, "kl_coef", optional=True)
+        _at_least(self, 1, "micro_batch_size")
+        _at_least(self, 1, "lora_rank", optional=True)
+        if self.baseline not in ("entropic", "mean"):
+            raise ConfigError(f"baseline must be 'entropic' or 'mean', got {self.baseline!r}", "baseline")
 
 
 @dataclass
@@ -100,19 +191,61 @@ class GreedyConfig(AgentConfig):
     """Epsilon-greedy reuse of the best states, no training."""
 
     epsilon: float = knob(0.1, "Probability of picking a random buffer state instead of a top one.")
-    buffer_size: int = knob(1000, "Most states kept in the buffer.")
+    top_k: int = knob(8, "How many of the best states a greedy pick chooses among.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.epsilon <= 1:
+            raise ConfigError(f"epsilon must be in [0, 1], got {self.epsilon!r}", "epsilon")
+        _at_least(self, 1, "top_k")
 
 
-def load_config(path: Path) -> AgentConfig:
-    """Read a config saved by `AgentConfig.save`, refusing unknown classes and fields by name."""
-    data = json.loads(Path(path).read_text())
-    classes = {c.__name__: c for c in (AgentConfig, PUCTConfig, TTTConfig, GreedyConfig)}
-    name = data.pop("config_class", None)
-    if name not in classes:
-        raise ValueError(f"{path}: unknown config class {name!r}")
-    cls = classes[name]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - known
+CONFIG_CLASSES: dict[str, type[AgentConfig]] = {
+    c.__name__: c for c in (AgentConfig, PUCTConfig, TTTConfig, GreedyConfig)
+}
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """A JSON or YAML file holding one mapping, with errors that name the file."""
+    path = Path(path)
+    kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text) if kind == "YAML" else json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} is not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config fields, got {type(data).__name__}")
+    return data
+
+
+def checked_fields(data: dict[str, Any], where: str, *classes: type[AgentConfig]) -> dict[str, Any]:
+    """`data` if every key is a field of one of `classes`; else an error naming the unknown keys and `where`."""
+    unknown = set(data) - {f.name for cls in classes for f in dataclasses.fields(cls)}
     if unknown:
-        raise ValueError(f"{path}: unknown config field(s) {sorted(unknown)} for {name}")
-    return cls(**data)
+        names = " or ".join(cls.__name__ for cls in classes)
+        raise ConfigError(f"{where}: unknown config field(s) {sorted(unknown)} for {names}")
+    return data
+
+
+def save_run_config(path: Path, agent: str, config: AgentConfig, **extra: Any) -> None:
+    """config.json of a run: the agent, its config class and every field, plus `extra` facts (e.g. sandbox)."""
+    from discover_agent.storage import write_json
+
+    write_json(path, {"agent": agent, "config_class": type(config).__name__, "config": config.to_dict(), **extra})
+
+
+def load_run_config(path: str | Path) -> tuple[str, AgentConfig]:
+    """The agent name and config saved by `save_run_config`, refusing unknown classes and fields by name."""
+    data = read_mapping(path)
+    name = data.get("config_class")
+    if name not in CONFIG_CLASSES or not isinstance(data.get("config"), dict) or "agent" not in data:
+        raise ConfigError(f"{path} is not a run's config.json (needs agent, config_class and config)")
+    cls = CONFIG_CLASSES[name]
+    try:
+        return data["agent"], cls(**checked_fields(data["config"], str(path), cls))
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

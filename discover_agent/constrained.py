@@ -6,6 +6,14 @@ keeping the reply a valid JSON array of the spec's shape and bounds can be sampl
 decoding in vLLM/outlines); `token_masks` replays the grammar over a sampled completion so the trainer can
 take log-probs under the same constrained distribution.
 
+Budget: given `max_new_tokens`, the grammar also counts the tokens left. `_cost` is the length (in tokens
+of this tokenizer) of the shortest way to close the array from a state, found by search over the grammar
+(restricted to never lengthening an already finished number); a token is allowed only if the array can still
+be closed with the tokens left after it. So when the budget gets tight the model is steered to shorter
+numbers and then the closing bracket, and every reply that stops at `max_new_tokens` is a complete array;
+a budget below the shortest array is refused up front, naming the minimum. The tokens left are part of the
+state, so `token_masks` replays the budget exactly.
+
 The grammar works on characters of the tokens' decoded text:
     array  := "[" elements "]"      elements separated by "," or ", " (one optional space, nowhere else)
     tuple  := "[" number ("," | ", ") ... "]"  with exactly `arity` numbers (kind "tuples")
@@ -27,7 +35,7 @@ from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from discover_envs.problem import ConstructionSpec
 
-__all__ = ["JsonArrayConstraint", "token_texts"]
+__all__ = ["JsonArrayConstraint", "default_max_new_tokens", "token_texts"]
 
 #: Characters a constrained reply may contain; tokens with any other character are never allowed.
 ALPHABET = frozenset("0123456789.-,[] ")
@@ -40,13 +48,33 @@ _T_OPEN, _T_COMMA, _T_SPACE, _AFTER_TUPLE, _DONE, _END = "t_open", "t_comma", "t
 
 
 class _State(NamedTuple):
-    """Where the reply is: `count` finished elements, `inner` finished numbers of the open tuple, and the
-    text of the number being written (phase "number")."""
+    """Where the reply is: `count` finished elements, `inner` finished numbers of the open tuple, the
+    text of the number being written (phase "number") and the tokens `left` (None: no budget)."""
 
     phase: str
     count: int = 0
     inner: int = 0
     number: str = ""
+    left: int | None = None
+
+
+def default_max_new_tokens(spec: ConstructionSpec, decimals: int = 4, length: int | None = None) -> int:
+    """A reply budget with room for every number of `spec` at `decimals` decimals ("0.1234, "), counted in
+    characters, which bounds the tokens of any tokenizer from above (one character per token at worst).
+
+    `length` is how many elements to leave room for; default `spec.min_length`, the fixed length of every
+    construction env at its preset (a free-length spec gets room for at least 16 elements).
+    """
+    if decimals < 0:
+        raise ValueError(f"decimals must be >= 0, got {decimals!r}")
+    elements = max(spec.min_length, 16 if spec.min_length < spec.max_length else 1) if length is None else length
+    if elements < 1:
+        raise ValueError(f"length must be >= 1, got {length!r}")
+    number = 1 + (decimals + 1 if decimals else 0)  # "0" or "0.1234"
+    if spec.low < 0:
+        number += 1  # "-"
+    element = number if spec.kind == "sequence" else spec.arity * number + 2 * (spec.arity - 1) + 2
+    return 2 + elements * (element + 2) - 2  # "[" + elements joined by ", " + "]"
 
 
 def token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -194,7 +222,9 @@ class JsonArrayConstraint:
     """Allowed next tokens for a ```json construction of `spec`'s shape, for generation and for training.
 
     `prefix` goes at the end of the prompt, the model writes the array, and `suffix` is appended after the
-    end of generation: the reply is prefix + decoded completion + suffix.
+    end of generation: the reply is prefix + decoded completion + suffix. With `max_new_tokens` (the reply
+    budget of generation) every allowed token leaves room to close the array in time; `min_new_tokens` is
+    the shortest array's length in tokens, and a smaller budget raises ValueError.
     """
 
     prefix = "```json\n"
@@ -206,6 +236,7 @@ class JsonArrayConstraint:
         spec: ConstructionSpec,
         max_decimals: int = 6,
         eos_token_id: int | None = None,
+        max_new_tokens: int | None = None,
     ) -> None:
         if spec.kind not in ("sequence", "tuples"):
             raise ValueError(f"spec.kind must be 'sequence' or 'tuples', got {spec.kind!r}")
@@ -238,6 +269,25 @@ class JsonArrayConstraint:
         #: limits behave alike (see `_key`).
         self._horizon = longest + 1
         self._allowed: dict[Any, torch.Tensor] = {}
+        # Budget bookkeeping: moves per `_key` (ids and relative state after each token), shortest closing
+        # costs per `_cost_key`, the slack above which the budget masks nothing, and budget-tight masks.
+        self._moves: dict[Any, list[tuple[list[int], _State]]] = {}
+        self._costs: dict[Any, int] = {}
+        self._caps: dict[Any, int] = {}
+        self._tight: dict[Any, torch.Tensor] = {}
+        self.max_new_tokens = max_new_tokens
+        self.min_new_tokens: int | None = None
+        if max_new_tokens is not None:
+            if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+            self.min_new_tokens = self._cost(_State(_START))
+            if self.min_new_tokens > max_new_tokens:
+                raise ValueError(
+                    f"max_new_tokens={max_new_tokens} cannot hold a construction of this spec: the shortest valid "
+                    f"array ({spec.min_length} {'tuples' if self.tuples else 'numbers'}) takes "
+                    f"{self.min_new_tokens} tokens of this tokenizer; raise --max-new-tokens to at least "
+                    f"{self.min_new_tokens}"
+                )
 
     def _check_single_chars(self, max_decimals: int) -> None:
         """Single-character tokens for every character the grammar may need, so it never reaches a state
@@ -318,7 +368,10 @@ class JsonArrayConstraint:
 
     def allowed_ids(self, state: _State) -> torch.Tensor:
         """Ids [k] of the tokens allowed in `state` (only EOS once the array is closed), cached by `_key`:
-        a few hundred ids at most, so masking costs one fill of the logits instead of vocab-wide masks."""
+        a few hundred ids at most, so masking costs one fill of the logits instead of vocab-wide masks.
+        With a budget, only the tokens after which the array can still be closed in the tokens left."""
+        if state.left is not None:
+            return self._budget_ids(state)
         key = self._key(state)
         ids = self._allowed.get(key)
         if ids is None:
@@ -337,9 +390,22 @@ class JsonArrayConstraint:
         return mask
 
     def advance(self, state: _State, token_id: int) -> _State | None:
-        """The state after a token, or None if the grammar does not allow it there."""
+        """The state after a token, or None if the grammar (or the budget) does not allow it there."""
+        left = state.left
+        if left is not None and left < 1:
+            return None
         if state.phase == _DONE:
-            return _State(_END, state.count) if token_id == self.eos_token_id else None
+            after = _State(_END, state.count) if token_id == self.eos_token_id else None
+        else:
+            after = self._advance_free(state._replace(left=None), token_id)
+        if after is None or left is None:
+            return after
+        if self._cost(after) > left - 1:
+            return None
+        return after._replace(left=left - 1)
+
+    def _advance_free(self, state: _State, token_id: int) -> _State | None:
+        """`advance` by the grammar alone, on a state without budget."""
         if token_id == self.eos_token_id or not 0 <= token_id < self.vocab_size:
             return None
         for char in self.texts[token_id]:
@@ -350,7 +416,117 @@ class JsonArrayConstraint:
 
     @property
     def start(self) -> _State:
-        return _State(_START)
+        """The state before the first token, holding the whole budget `max_new_tokens`."""
+        return _State(_START, left=self.max_new_tokens)
+
+    # -- the budget ------------------------------------------------------------------------------------
+
+    def _cost_key(self, state: _State) -> Any:
+        """States with equal keys need equally many tokens to close: exact counts to the minimum length;
+        a finished number counts as one class, since `_successors` only closes it."""
+        if state.phase in (_DONE, _END):
+            return _DONE
+        number = ""
+        if state.phase == _NUMBER:
+            number = "#" if self.numbers.complete(state.number) else self.numbers.key(state.number)
+        to_min = max(self.spec.min_length - state.count, 0)
+        return state.phase, to_min, min(self.spec.max_length - state.count, self._horizon), state.inner, number
+
+    def _moves_from(self, state: _State) -> list[tuple[list[int], _State]]:
+        """Every allowed token of a budget-free `state` with the state after it, counts relative to `state`
+        (cached by `_key`, which fixes what the tokens do)."""
+        key = self._key(state)
+        moves = self._moves.get(key)
+        if moves is None:
+            found: dict[_State, list[int]] = {}
+            self._walk_states(state, self._trie, found)
+            moves = self._moves[key] = [(ids, s._replace(count=s.count - state.count)) for s, ids in found.items()]
+        return moves
+
+    def _walk_states(self, state: _State, node: _Node, found: dict[_State, list[int]]) -> None:
+        for char, child in node.children.items():
+            after = self.step(state, char)
+            if after is not None:
+                if child.ids:
+                    found.setdefault(after, []).extend(child.ids)
+                self._walk_states(after, child, found)
+
+    def _successors(self, state: _State) -> list[_State]:
+        """States one token on, for the closing search: any token, except that a finished number is only
+        closed (",", "]"), never lengthened, and no element is started past the minimum length. Neither
+        makes a reply shorter; leaving them out keeps the search finite and free of cycles, so its result
+        does not depend on the order in which states are asked for."""
+        finished = state.phase == _NUMBER and self.numbers.complete(state.number)
+        found = []
+        for ids, moved in self._moves_from(state):
+            after = moved._replace(count=moved.count + state.count)
+            if finished and not any(self.texts[i][0] in ",]" for i in ids):
+                continue
+            if after.phase in (_COMMA, _SPACE) and after.count >= self.spec.min_length:
+                continue
+            found.append(after)
+        return found
+
+    def _cost(self, state: _State) -> int:
+        """Fewest tokens that close the array from a budget-free `state` (0 once closed), by a depth-first
+        search memoised on `_cost_key`. Every step of the grammar moves forward (more characters, never an
+        earlier phase), so the search graph has no cycles other than a number keeping its key."""
+        costs = self._costs
+        root = self._cost_key(state)
+        if root in costs:
+            return costs[root]
+        stack, open_keys = [state], set()
+        while stack:
+            current = stack[-1]
+            key = self._cost_key(current)
+            if key in costs:
+                stack.pop()
+                continue
+            if key == _DONE:
+                costs[key] = 0
+                stack.pop()
+                continue
+            open_keys.add(key)
+            after = [(self._cost_key(s), s) for s in self._successors(current)]
+            pending = [s for k, s in after if k not in costs and k not in open_keys]
+            if pending:
+                stack.extend(pending)
+                continue
+            known = [costs[k] for k, _ in after if k in costs]
+            costs[key] = 1 + min(known) if known else math.inf
+            open_keys.discard(key)
+            stack.pop()
+        return costs[root]
+
+    def _budget_ids(self, state: _State) -> torch.Tensor:
+        """`allowed_ids` under a budget: the grammar's tokens after which `_cost` fits in the tokens left."""
+        free = state._replace(left=None)
+        if state.phase in (_DONE, _END):
+            return self.allowed_ids(free)  # EOS, also for rows padded after it
+        key = self._cost_key(free)
+        cost = self._cost(free)
+        cap = self._caps.get(key)
+        if cap is None:
+            worst = max(self._cost(after) for after in self._after_states(free))
+            cap = self._caps[key] = worst - cost + 1
+        slack = state.left - cost
+        if slack >= cap:
+            return self.allowed_ids(free)
+        tight_key = (self._key(free), key, slack)
+        ids = self._tight.get(tight_key)
+        if ids is None:
+            limit = state.left - 1
+            found = [
+                i
+                for token_ids, after in self._moves_from(free)
+                if self._cost(after._replace(count=after.count + free.count)) <= limit
+                for i in token_ids
+            ]
+            ids = self._tight[tight_key] = torch.tensor(sorted(found), dtype=torch.long)
+        return ids
+
+    def _after_states(self, state: _State) -> list[_State]:
+        return [after._replace(count=after.count + state.count) for _, after in self._moves_from(state)]
 
     # -- the public face -------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Where evaluations run. One seam, two back ends: a local thread pool (default, what CI uses) and Ray.
 
-An evaluation is `env.reset(options={"state": parent})` then `env.step(reply)`. The heavy part already runs in
-a sandboxed child process, so threads overlap well; Ray runs the same function as tasks on a cluster.
+An evaluation is `env.reset(options={"state": parent})` then `env.step(reply)` on an env made by `gym.make`
+(wrappers included, so `discover bench` can count steps). The heavy part already runs in a sandboxed child
+process, so threads overlap well; Ray runs the same function as tasks on a cluster.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def evaluate(env_id: str, env_kwargs: dict[str, Any], parent: dict[str, Any], re
         cache = _local.envs = {}
     key = (env_id, repr(sorted(env_kwargs.items())))
     if key not in cache:
-        cache[key] = gym.make(env_id, **env_kwargs).unwrapped
+        cache[key] = gym.make(env_id, **env_kwargs)
     env = cache[key]
     env.reset(options={"state": parent})
     _, reward, _, _, info = env.step(reply)

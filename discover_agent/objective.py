@@ -158,6 +158,9 @@ def kl_shaped_advantages(
 ) -> torch.Tensor:
     """Per-token advantages A_bt = A_b + coef * (mean_logdiff - (logp_current - logp_base)_bt).
 
+    The trainer passes the sampling log-probs as `logp_current`, as the released code does
+    (`incorporate_kl_penalty`): they are the policy's log-probs at the start of the step, with no extra pass.
+
     The penalty pulls the LoRA policy towards the base model (LoRA disabled) token by token; subtracting the
     batch mean of the log-ratio over unmasked tokens keeps the penalty from shifting the overall advantage
     level. Masked positions (prompt, padding) are 0, even where their log-probs are -inf or NaN. No gradient

@@ -3,11 +3,19 @@
 Stdlib HTTP only. Each prompt's group is one `/v1/chat/completions` request with `n` (repeated for the rest when
 a server returns fewer choices); prompts run in parallel threads. Token ids are not available from such servers,
 so samples carry text and, when the server gives them, per-token log-probs — enough to search, not to train.
+
+With a `ConstructionSpec`, replies are schema-constrained by the server: the standard `response_format`
+json_schema form (OpenAI, vLLM, SGLang, `discover serve`) first, and llama-cpp-python's
+`{"type": "json_object", "schema": ...}` once a server refuses that (it answers HTTP 500 or 400). The latter
+enforces the array's length but not number bounds, so every reply is checked against the spec and the ones
+that break it are counted (`out_of_spec`) and reported in a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -15,26 +23,38 @@ from typing import Any
 
 import numpy as np
 
+from discover_agent.json_schema import construction_schema, out_of_spec
 from discover_agent.policy import Policy, Sample
 from discover_envs.problem import ConstructionSpec
 
-__all__ = ["EndpointError", "OpenAIPolicy", "construction_schema"]
+__all__ = ["SCHEMA_FORMS", "EndpointError", "OpenAIPolicy", "construction_schema"]
+
+logger = logging.getLogger(__name__)
 
 #: Replies constrained by a JSON schema hold only the JSON; wrapped like this, the env reads them.
 _JSON_FENCE = ("```json\n", "\n```")
+#: `response_format` forms for a schema, in the order tried: the standard one, then llama-cpp-python's.
+SCHEMA_FORMS = ("json_schema", "json_object")
+#: Status codes with which servers refuse a `response_format` form they do not know.
+_REFUSED = (400, 422, 500)
 
 
 class EndpointError(RuntimeError):
     """The endpoint could not be reached, or answered with an error or something that is not a completion."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
-def construction_schema(spec: ConstructionSpec) -> dict[str, Any]:
-    """The JSON schema of a construction, for servers with `response_format` json_schema support."""
-    number = {"type": "number", "minimum": spec.low, "maximum": spec.high}
-    item = number if spec.kind == "sequence" else {
-        "type": "array", "items": number, "minItems": spec.arity, "maxItems": spec.arity,
-    }  # fmt: skip
-    return {"type": "array", "items": item, "minItems": spec.min_length, "maxItems": spec.max_length}
+
+def response_format(spec: ConstructionSpec, form: str) -> dict[str, Any]:
+    """The `response_format` asking for a construction of `spec`, in one of `SCHEMA_FORMS`."""
+    schema = construction_schema(spec)
+    if form == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "construction", "schema": schema, "strict": True}}
+    if form == "json_object":
+        return {"type": "json_object", "schema": schema}
+    raise ValueError(f"unknown schema form {form!r}; choose from {SCHEMA_FORMS}")
 
 
 def _chat_url(base_url: str) -> str:
@@ -76,6 +96,16 @@ class OpenAIPolicy(Policy):
         self.timeout_s = timeout_s
         self.max_workers = max_workers
         self._calls = 0
+        #: The `response_format` form this server took (None until the first constrained request).
+        self.schema_form: str | None = None
+        #: Constrained replies so far, and how many of them broke the spec (the server did not enforce it).
+        self.constrained = 0
+        self.out_of_spec = 0
+        self._lock = threading.Lock()
+
+    def reseed(self, seed: int) -> None:
+        """Restart the per-request seeds from `seed` (agents reseed every step from the run seed and step)."""
+        self.seed, self._calls = seed, 0
 
     def sample(self, prompts: list[str], n: int, constraint_spec: ConstructionSpec | None = None) -> list[list[Sample]]:
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -84,9 +114,24 @@ class OpenAIPolicy(Policy):
             raise ValueError(f"n (replies per prompt) must be >= 1, got {n!r}")
         call = self._calls
         self._calls += 1
-        with ThreadPoolExecutor(min(self.max_workers, len(prompts))) as pool:
-            futures = [pool.submit(self._group, p, n, constraint_spec, (call, i)) for i, p in enumerate(prompts)]
-            return [f.result() for f in futures]
+        broken = self.out_of_spec
+        if constraint_spec is not None and self.schema_form is None:
+            # Learn the server's form on the first prompt alone, so parallel requests do not all get refused.
+            first = [self._group(prompts[0], n, constraint_spec, (call, 0))]
+            rest = list(enumerate(prompts))[1:]
+        else:
+            first, rest = [], list(enumerate(prompts))
+        with ThreadPoolExecutor(max(1, min(self.max_workers, len(rest)))) as pool:
+            futures = [pool.submit(self._group, p, n, constraint_spec, (call, i)) for i, p in rest]
+            groups = first + [f.result() for f in futures]
+        if self.out_of_spec > broken:
+            logger.warning(
+                "%d of %d replies from %s broke the construction schema (response_format %s was not enforced, "
+                "or replies hit max_tokens); %d of %d so far",
+                self.out_of_spec - broken, len(prompts) * n, self.url, self.schema_form, self.out_of_spec,
+                self.constrained,
+            )  # fmt: skip
+        return groups
 
     def _group(self, prompt: str, n: int, spec: ConstructionSpec | None, key: tuple[int, int]) -> list[Sample]:
         samples: list[Sample] = []
@@ -104,16 +149,27 @@ class OpenAIPolicy(Policy):
                 # A distinct seed per request: a server that ignores `n` must not return one reply n times.
                 seed_seq = np.random.SeedSequence([self.seed, *key, len(samples)])
                 payload["seed"] = int(seed_seq.generate_state(1)[0] >> 1)
-            if spec is not None:
-                payload["response_format"] = {
-                    "type": "json_schema",
-                    "json_schema": {"name": "construction", "schema": construction_schema(spec), "strict": True},
-                }
-            choices = self._post(payload).get("choices")
+            answer = self._post_constrained(payload, spec) if spec is not None else self._post(payload)
+            choices = answer.get("choices")
             if not isinstance(choices, list) or not choices:
                 raise EndpointError(f"{self.url} answered without any choices")
             samples.extend(self._sample(c, spec) for c in choices[: n - len(samples)])
         return samples
+
+    def _post_constrained(self, payload: dict[str, Any], spec: ConstructionSpec) -> dict[str, Any]:
+        """POST with the schema in the server's form; if the first request refuses the standard form, the
+        llama-cpp-python form is tried and, if taken, kept for every later request."""
+        form = self.schema_form or SCHEMA_FORMS[0]
+        try:
+            answer = self._post({**payload, "response_format": response_format(spec, form)})
+        except EndpointError as exc:
+            if self.schema_form is not None or exc.status not in _REFUSED:
+                raise
+            form = SCHEMA_FORMS[1]
+            logger.warning("%s refused response_format json_schema (%s); trying %s", self.url, exc, form)
+            answer = self._post({**payload, "response_format": response_format(spec, form)})
+        self.schema_form = form
+        return answer
 
     def _sample(self, choice: Any, spec: ConstructionSpec | None) -> Sample:
         try:
@@ -122,10 +178,22 @@ class OpenAIPolicy(Policy):
             raise EndpointError(f"{self.url} answered a choice without message.content: {choice!r:.300}") from None
         if not isinstance(content, str):
             raise EndpointError(f"{self.url} answered a non-text message.content: {content!r:.300}")
-        text = _JSON_FENCE[0] + content.strip() + _JSON_FENCE[1] if spec is not None else content
+        text = content
+        if spec is not None:
+            text = _JSON_FENCE[0] + content.strip() + _JSON_FENCE[1]
+            self._count(content, spec)
         tokens = ((choice.get("logprobs") or {}).get("content") or []) if isinstance(choice, dict) else []
         logprobs = [float(t["logprob"]) for t in tokens if isinstance(t, dict) and "logprob" in t]
         return Sample(text=text, prompt_ids=[], completion_ids=[], logprobs=logprobs, temperature=self.temperature)
+
+    def _count(self, content: str, spec: ConstructionSpec) -> None:
+        try:
+            broken = out_of_spec(json.loads(content), spec)
+        except (json.JSONDecodeError, RecursionError):
+            broken = True
+        with self._lock:
+            self.constrained += 1
+            self.out_of_spec += broken
 
     def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}
@@ -137,7 +205,7 @@ class OpenAIPolicy(Policy):
                 body = response.read().decode("utf-8", errors="replace")
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", errors="replace")[:500]
-            raise EndpointError(f"{self.url} answered HTTP {exc.code} {exc.reason}: {detail}") from None
+            raise EndpointError(f"{self.url} answered HTTP {exc.code} {exc.reason}: {detail}", exc.code) from None
         except urllib.error.URLError as exc:
             raise EndpointError(f"cannot reach {self.url}: {exc.reason}") from None
         except TimeoutError:

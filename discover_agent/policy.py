@@ -4,6 +4,10 @@
 it grammar-constrains the reply to a valid ```json construction. Log-probs are taken under the exact
 distribution each token was drawn from (temperature-scaled, constraint-masked), and `token_logprobs`
 recomputes that same distribution for the trainer's importance ratios.
+
+Replies of one group share their prompt, so by default (`PolicyConfig.share_prefix`) each distinct prompt is
+run once, in sampling and in training, and its keys/values are reused by the group's replies; the unshared
+path (every reply recomputes its prompt, through `generate`) stays as the reference the tests compare with.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +24,8 @@ import torch
 from peft import PeftConfig, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import (
+    DynamicCache,
+    DynamicLayer,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -69,6 +76,16 @@ class Policy(ABC):
     def sample(self, prompts: list[str], n: int, constraint_spec: ConstructionSpec | None = None) -> list[list[Sample]]:
         """`n` replies (a group) per user-message prompt; with `constraint_spec`, a constrained JSON reply."""
 
+    def sample_groups(
+        self, prompts: list[str], sizes: list[int], constraint_spec: ConstructionSpec | None = None
+    ) -> list[list[Sample]]:
+        """A group of `sizes[i]` replies for each prompt: one call per group here; `LocalPolicy` samples every
+        group of a step in one batched pass (decoding is bound by reading the weights, so a batch of 8 costs
+        little more per token than a batch of 4)."""
+        if len(prompts) != len(sizes):
+            raise ValueError(f"need one group size per prompt, got {len(prompts)} prompts and {len(sizes)} sizes")
+        return [self.sample([p], n, constraint_spec)[0] for p, n in zip(prompts, sizes, strict=True)]
+
 
 @dataclass
 class PolicyConfig:
@@ -77,20 +94,26 @@ class PolicyConfig:
     lora_rank: None picks by device: 32 on CUDA (the paper's rank), 8 on CPU (small, fast presets).
     lora_alpha: None means 2 * rank, so the adapter's scale alpha/rank stays 2 whatever the rank.
     lora_dropout: 0 by default, because dropout makes training log-probs differ from the sampling ones.
+    lora_lm_head: also adapt the unembedding (`lm_head`), as the paper's training service does by default; it
+    lets a small model move its output distribution directly (with tied embeddings the input side stays put).
     temperature: > 0. There is no top-p/top-k: truncation would make the trainer's recomputed distribution
     differ from the sampled one. batch_size: sequences per `generate` call (prompts x n are split into these).
     device: "auto" (CUDA if available), "cpu" or "cuda". seed: sampling is reproducible for a given seed.
+    share_prefix: run each distinct prompt once and share its keys/values with the replies drawn from it, in
+    sampling and in training (False: every reply recomputes its prompt; the reference the tests compare to).
     """
 
     lora_rank: int | None = None
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    lora_lm_head: bool = False
     temperature: float = 1.0
     max_new_tokens: int = 256
     batch_size: int = 8
     device: str = "auto"
     seed: int = 0
+    share_prefix: bool = True
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -101,10 +124,50 @@ class PolicyConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
 
 
-def _json_array_constraint(tokenizer: PreTrainedTokenizerBase, spec: ConstructionSpec) -> TokenConstraint:
+def _prefix_groups(samples: Sequence[Sample]) -> list[list[int]]:
+    """Indices of the samples that share a prompt, one list per distinct prompt, in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(s.prompt_ids), []).append(i)
+    return list(groups.values())
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A decode cache layer with room for `capacity` positions: each new token's keys/values are written in
+    place instead of `torch.cat`-copying the whole layer every step (at batch 8 and ~800 positions that copy
+    moves about as many bytes per step as reading SmolLM2's weights)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        shape = (*keys.shape[:2], capacity, keys.shape[-1])
+        self._keys, self._values = keys.new_empty(shape), values.new_empty(shape)
+        self._length = 0
+        self.update(keys, values)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self._length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:
+            raise RuntimeError(f"decode cache full: {end} positions for a capacity of {self._keys.shape[-2]}")
+        self._keys[:, :, self._length : end] = key_states
+        self._values[:, :, self._length : end] = value_states
+        self._length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+
+def _left_pad(states: torch.Tensor, gap: int) -> torch.Tensor:
+    """Cached keys or values [1, heads, P, dim] with `gap` zero positions in front."""
+    return torch.nn.functional.pad(states, (0, 0, gap, 0)) if gap else states
+
+
+def _json_array_constraint(
+    tokenizer: PreTrainedTokenizerBase, spec: ConstructionSpec, max_new_tokens: int | None = None
+) -> TokenConstraint:
+    """The JSON-array grammar; with the reply budget, so every reply closes its array in time."""
     from discover_agent.constrained import JsonArrayConstraint
 
-    return JsonArrayConstraint(tokenizer, spec)
+    return JsonArrayConstraint(tokenizer, spec, max_new_tokens=max_new_tokens)
 
 
 class _LogProbRecorder(LogitsProcessor):
@@ -147,7 +210,8 @@ class LocalPolicy(Policy):
         self.device = resolve_device(config.device)
         rank = config.lora_rank if config.lora_rank is not None else default_lora_rank(self.device)
         alpha = config.lora_alpha if config.lora_alpha is not None else 2.0 * rank
-        self.model = wrap_lora(model.to(self.device), rank, alpha, config.lora_dropout, config.target_modules).eval()
+        targets = (*config.target_modules, "lm_head") if config.lora_lm_head else config.target_modules
+        self.model = wrap_lora(model.to(self.device), rank, alpha, config.lora_dropout, targets).eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -155,9 +219,13 @@ class LocalPolicy(Policy):
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_ids = sorted({*eos, tokenizer.eos_token_id} - {None})
-        self._constraint_factory = constraint_factory or _json_array_constraint
+        self._constraint_factory = constraint_factory or partial(
+            _json_array_constraint, max_new_tokens=config.max_new_tokens
+        )
         self._constraints: dict[ConstructionSpec, TokenConstraint] = {}
         self._calls = 0
+        #: Called with the number of rows still generating after each sampled token step (progress display).
+        self.progress: Callable[[int], None] | None = None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path | None, config: PolicyConfig | None = None) -> LocalPolicy:
@@ -165,6 +233,11 @@ class LocalPolicy(Policy):
         config = config or PolicyConfig()
         model, tokenizer = load_model_and_tokenizer(name_or_path, resolve_device(config.device))
         return cls(model, tokenizer, config)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the per-call seeds from `seed`: agents reseed every step from (run seed, step), so a resumed
+        run samples exactly what an uninterrupted one does."""
+        self.config.seed, self._calls = seed, 0
 
     def chat_prompt(self, prompt: str) -> str:
         """The prompt as the user turn of the model's chat template, ending where the assistant reply starts."""
@@ -182,10 +255,20 @@ class LocalPolicy(Policy):
             raise TypeError("prompts must be a non-empty list of strings")
         if n < 1:
             raise ValueError(f"n (replies per prompt) must be >= 1, got {n!r}")
+        return self.sample_groups(prompts, [n] * len(prompts), constraint_spec)
+
+    def sample_groups(
+        self, prompts: list[str], sizes: list[int], constraint_spec: ConstructionSpec | None = None
+    ) -> list[list[Sample]]:
+        """Every group in one call: rows are split into `batch_size` micro-batches across groups."""
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a non-empty list of strings")
+        if len(prompts) != len(sizes) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+            raise ValueError(f"need one group size >= 1 per prompt, got {len(prompts)} prompts and sizes {sizes!r}")
         constraint = None if constraint_spec is None else self.constraint(constraint_spec)
         prefix = "" if constraint is None else constraint.prefix
         encoded = [self.tokenizer(self.chat_prompt(p) + prefix, add_special_tokens=False)["input_ids"] for p in prompts]
-        rows = [ids for ids in encoded for _ in range(n)]
+        rows = [ids for ids, n in zip(encoded, sizes, strict=True) for _ in range(n)]
         # Each call draws from its own seed (seed, call index): a fresh policy replays the same sequence of
         # calls exactly, while the global torch RNG of the caller is left untouched.
         seed = int(np.random.SeedSequence([self.config.seed, self._calls]).generate_state(1)[0])
@@ -194,9 +277,11 @@ class LocalPolicy(Policy):
         samples: list[Sample] = []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type), torch.no_grad():
             torch.manual_seed(seed)
+            generate = self._decode_shared if self.config.share_prefix else self._generate
             for start in range(0, len(rows), self.config.batch_size):
-                samples.extend(self._generate(rows[start : start + self.config.batch_size], constraint))
-        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+                samples.extend(generate(rows[start : start + self.config.batch_size], constraint))
+        ends = np.cumsum(sizes).tolist()
+        return [samples[end - n : end] for n, end in zip(sizes, ends, strict=True)]
 
     def _generate(self, rows: list[list[int]], constraint: TokenConstraint | None) -> list[Sample]:
         pad = self.tokenizer.pad_token_id
@@ -230,7 +315,94 @@ class LocalPolicy(Policy):
             logits_processor=processors,
         ).cpu()
         completions = sequences[:, width:]
-        logprobs = recorder.finish(completions).cpu()
+        return self._samples(rows, completions, recorder.finish(completions).cpu(), constraint)
+
+    def _decode_shared(self, rows: list[list[int]], constraint: TokenConstraint | None) -> list[Sample]:
+        """The same draws as `_generate` (one multinomial over the batch per token, finished rows padded),
+        but each distinct prompt is prefilled once and its keys/values are repeated for the rows that share
+        it; then a plain decode loop, without `generate`'s per-token bookkeeping.
+
+        Rows of one prompt need no attention mask (so SDPA also skips expanding grouped KV heads); prompts of
+        different lengths are left-padded in the cache, as `_generate` pads them.
+        """
+        width = max(len(r) for r in rows)
+        cache, logits, attention = self._shared_prefill(rows, width)
+        positions = torch.tensor([len(r) for r in rows], device=self.device)
+        processors = self._processors(constraint)
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        pad = torch.tensor(self.tokenizer.pad_token_id, device=self.device)
+        running = torch.ones(len(rows), dtype=torch.bool, device=self.device)
+        tokens: list[torch.Tensor] = []
+        logprobs: list[torch.Tensor] = []
+        generated = torch.zeros((len(rows), 0), dtype=torch.long, device=self.device)
+        for step in range(self.config.max_new_tokens):
+            scores = processors(generated, logits.float())
+            token = torch.multinomial(scores.softmax(-1), num_samples=1)
+            logprobs.append((scores.gather(1, token) - scores.logsumexp(-1, keepdim=True)).squeeze(1))
+            token = torch.where(running, token.squeeze(1), pad)
+            tokens.append(token)
+            generated = torch.cat([generated, token[:, None]], dim=1)
+            live = int(running.sum())
+            running &= ~torch.isin(token, eos)
+            if self.progress is not None:
+                self.progress(live)
+            if step + 1 == self.config.max_new_tokens or not bool(running.any()):
+                break
+            if attention is not None:
+                attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
+            out = self.model(
+                input_ids=token[:, None], position_ids=(positions + step)[:, None], attention_mask=attention,
+                cache=cache, use_cache=True,
+            )  # fmt: skip
+            cache, logits = out.cache, out.logits[:, -1]
+        return self._samples(rows, torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu(), constraint)
+
+    def _shared_prefill(
+        self, rows: list[list[int]], width: int
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor | None]:
+        """(cache, next-token logits, attention mask or None) for `rows` with each distinct prompt run once."""
+        prompts: dict[tuple[int, ...], int] = {}
+        index = [prompts.setdefault(tuple(r), len(prompts)) for r in rows]
+        layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        last: list[torch.Tensor] = []
+        for prompt in prompts:
+            out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
+            # Left-pad each prompt's keys/values to the batch width (the padded slots are masked below).
+            gap = width - len(prompt)
+            layers.append([(_left_pad(k, gap), _left_pad(v, gap)) for k, v, *_ in out.cache])
+            last.append(out.logits[0, -1])
+        select = torch.tensor(index, device=self.device)
+        data = [
+            (torch.cat([p[layer][0] for p in layers])[select], torch.cat([p[layer][1] for p in layers])[select])
+            for layer in range(len(layers[0]))
+        ]  # fmt: skip
+        attention = None
+        if any(len(r) != width for r in rows):
+            attention = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+            for i, r in enumerate(rows):
+                attention[i, width - len(r) :] = 1
+        cache = DynamicCache()
+        cache.layers = [_PreallocatedLayer(k, v, width + self.config.max_new_tokens) for k, v in data]
+        return cache, torch.stack(last)[select], attention
+
+    def _processors(self, constraint: TokenConstraint | None) -> LogitsProcessorList:
+        """Constraint mask, then temperature: the distribution every token is drawn from and recorded under.
+        The constraint's processor sees only the generated tokens (prompt length 0)."""
+        processors = LogitsProcessorList()
+        if constraint is not None:
+            processors.append(constraint.logits_processor(0))
+        if self.config.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(self.config.temperature))
+        return processors
+
+    def _samples(
+        self,
+        rows: list[list[int]],
+        completions: torch.Tensor,
+        logprobs: torch.Tensor,
+        constraint: TokenConstraint | None,
+    ) -> list[Sample]:
+        """Cut each row at its first EOS (kept) and decode it into a `Sample`."""
         eos = torch.isin(completions, torch.tensor(self.eos_ids))
         prefix, suffix = ("", "") if constraint is None else (constraint.prefix, constraint.suffix)
         samples = []
@@ -256,35 +428,87 @@ class LocalPolicy(Policy):
         inside `model.disable_adapter()`), at the sample's temperature and constraint masks, with the mask
         [B, T] of real tokens. Differentiable when grad is enabled.
 
-        Layout: prompts left-padded to one width P, completions after them, so logits are needed (and kept,
-        via `logits_to_keep`) only for the last T positions — long prompts cost no vocabulary projection.
+        With `config.share_prefix` each distinct prompt is run once and its keys/values are expanded to the
+        replies that share it (`_shared_token_logprobs`); otherwise every row carries its own copy of the
+        prompt (`_padded_token_logprobs`, the reference the shared path is tested against).
         """
+        samples = list(samples)
+        if not samples or max(len(s.completion_ids) for s in samples) == 0:
+            raise ValueError("the samples have no completion tokens")
+        if self.config.share_prefix:
+            return self._shared_token_logprobs(samples)
+        return self._padded_token_logprobs(samples)
+
+    def _padded_token_logprobs(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts left-padded to one width P, completions after them; logits are kept (`logits_to_keep`)
+        only for the last T positions, so long prompts cost no vocabulary projection."""
         pad = self.tokenizer.pad_token_id
         width = max(len(s.prompt_ids) for s in samples)
         steps = max(len(s.completion_ids) for s in samples)
-        if steps == 0:
-            raise ValueError("the samples have no completion tokens")
         input_ids = torch.full((len(samples), width + steps - 1), pad, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
-        targets = torch.full((len(samples), steps), pad, dtype=torch.long)
-        mask = torch.zeros((len(samples), steps), dtype=torch.bool)
         for i, s in enumerate(samples):
             p, c = len(s.prompt_ids), len(s.completion_ids)
             input_ids[i, width - p : width] = torch.tensor(s.prompt_ids, dtype=torch.long)
             input_ids[i, width : width + c - 1] = torch.tensor(s.completion_ids[:-1], dtype=torch.long)
             attention[i, width - p : width + c - 1] = 1
-            targets[i, :c] = torch.tensor(s.completion_ids, dtype=torch.long)
-            mask[i, :c] = True
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
             position_ids=positions.to(self.device),
             logits_to_keep=steps,
-        ).logits.float()
-        temperatures = torch.tensor([s.temperature for s in samples], device=self.device)
-        logits = logits / temperatures[:, None, None]
+        ).logits
+        return self._completion_logprobs(logits, samples)
+
+    def _shared_token_logprobs(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each distinct prompt once: its first P-1 tokens fill a cache (with grad, since the adapter changes
+        the prompt's keys and values), which is repeated for the group's replies; the replies then run as
+        [last prompt token, completion[:-1]] on it, right-padded (causal attention never sees the padding).
+        Prompt work drops from B prompts to one per group, in the forward and the backward pass."""
+        steps = max(len(s.completion_ids) for s in samples)
+        rows: list[torch.Tensor] = []
+        order: list[int] = []
+        for members in _prefix_groups(samples):
+            group = [samples[i] for i in members]
+            prompt = torch.tensor(group[0].prompt_ids, dtype=torch.long, device=self.device)
+            cache = None
+            if len(prompt) > 1:
+                cache = self.model(input_ids=prompt[None, :-1], use_cache=True, logits_to_keep=1).cache
+                cache.batch_repeat_interleave(len(group))
+            width = max(len(s.completion_ids) for s in group)
+            inputs = torch.full((len(group), width), int(prompt[-1]), dtype=torch.long)
+            for i, s in enumerate(group):
+                inputs[i, 1 : len(s.completion_ids)] = torch.tensor(s.completion_ids[:-1], dtype=torch.long)
+            positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + width, device=self.device)
+            logits = self.model(
+                input_ids=inputs.to(self.device),
+                position_ids=positions.expand(len(group), -1),
+                cache=cache,
+                use_cache=cache is not None,
+            ).logits
+            group_logp, _ = self._completion_logprobs(logits, group)
+            rows.append(torch.nn.functional.pad(group_logp, (0, steps - width)))
+            order.extend(members)
+        logp = torch.cat(rows)[torch.tensor(order, device=self.device).argsort()]
+        lengths = torch.tensor([len(s.completion_ids) for s in samples], device=self.device)
+        return logp, torch.arange(steps, device=self.device) < lengths[:, None]
+
+    def _completion_logprobs(self, logits: torch.Tensor, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs [B, T] of the completion tokens from their logits [B, T, V] (row t predicts token t) and
+        the mask of real tokens: temperature, constraint masks, then gather - logsumexp, which never
+        materialises a second [B, T, V] log-softmax tensor."""
+        steps = logits.shape[1]
+        targets = torch.zeros((len(samples), steps), dtype=torch.long)
+        mask = torch.zeros((len(samples), steps), dtype=torch.bool)
+        for i, s in enumerate(samples):
+            targets[i, : len(s.completion_ids)] = torch.tensor(s.completion_ids, dtype=torch.long)
+            mask[i, : len(s.completion_ids)] = True
         targets, mask = targets.to(self.device), mask.to(self.device)
+        logits = logits.float()
+        temperatures = torch.tensor([s.temperature for s in samples], device=self.device)
+        if bool((temperatures != 1.0).any()):
+            logits = logits / temperatures[:, None, None]
         if any(s.constraint is not None for s in samples):
             logits = logits.masked_fill(~self._allowed(samples, steps, logits.shape[-1]), -torch.inf)
         logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)

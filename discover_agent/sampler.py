@@ -2,9 +2,12 @@
 
 Each strategy keeps a buffer of states (the JSON dicts the envs produce; `reward` is higher-is-better and
 `id` a content hash) and has the same five methods, so the trainer can swap them:
-`select(k)` start states for one step, `update(parent, children)` once per rollout group with the group's
-valid child states, `best()`, `states()`, and `state_dict()` / `load_state_dict()` for exact resumption
-(random generator included). `save(path)` writes atomically, so a crash mid-write keeps the last buffer.
+`select(k)` start states for one step, `update(parent, children, rollouts)` once per rollout group with the
+group's valid child states and how many replies it sampled, `best()`, `states()`, and `state_dict()` /
+`load_state_dict()` for exact resumption (random generator included). `save(path)` writes atomically, so a
+crash mid-write keeps the last buffer. `select_groups(k, group_size)` is `select` with the groups that
+start from one state merged into one larger group. A buffer may start from several initial states (the
+paper initialises it with random states; an env gives distinct ones for distinct `reset(seed=...)`).
 
 - `PUCTSampler`: TTT-Discover's reuse rule, a PUCT score that trades a state's best outcome so far against
   how little it and its descendants have been tried.
@@ -27,6 +30,9 @@ import numpy as np
 from discover_agent.storage import write_json
 
 State = dict[str, Any]
+
+#: How `PUCTSampler` counts visits: per expanded parent (the paper) or per reply (the released code).
+VISIT_UNITS = ("expansions", "rollouts")
 
 
 def _checked_state(state: Any, what: str) -> State:
@@ -51,6 +57,15 @@ def _checked_update(parent: Any, children: Any) -> tuple[State, list[State]]:
                 f"child {child['id']} has parent_id {child.get('parent_id')!r}, not the parent {parent['id']}"
             )
     return parent, checked
+
+
+def _checked_rollouts(rollouts: Any, children: list[State]) -> int:
+    """The replies of a group: at least its valid children; None means exactly those."""
+    if rollouts is None:
+        return len(children)
+    if isinstance(rollouts, bool) or not isinstance(rollouts, int) or rollouts < len(children):
+        raise ValueError(f"rollouts must be an int >= the {len(children)} valid children, got {rollouts!r}")
+    return rollouts
 
 
 def _checked_initial(initial_states: Any) -> list[State]:
@@ -82,8 +97,22 @@ class Sampler(ABC):
         """k start states for this step (repeats allowed: several groups may start from one state)."""
 
     @abstractmethod
-    def update(self, parent: State, children: list[State]) -> None:
-        """Record one rollout group started from `parent`; `children` are its valid child states."""
+    def update(self, parent: State, children: list[State], rollouts: int | None = None) -> None:
+        """Record one rollout group started from `parent`; `children` are its valid child states and
+        `rollouts` the replies it sampled, valid or not (None: unknown, as many as `children`)."""
+
+    def select_groups(self, k: int, group_size: int) -> list[tuple[State, int]]:
+        """`select(k)` as (start state, replies) pairs: picks of the same state become one group of
+        group_size x picks replies, in first-pick order. When the sampler runs out of distinct states
+        (e.g. at the start, with one initial state), the repeats then share one advantage baseline over all
+        their replies instead of forming small groups that each see a part of them."""
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        merged: dict[str, tuple[State, int]] = {}
+        for state in self.select(k):
+            first, picks = merged.get(state["id"], (state, 0))
+            merged[state["id"]] = (first, picks + 1)
+        return [(state, picks * group_size) for state, picks in merged.values()]
 
     @abstractmethod
     def best(self) -> State:
@@ -145,6 +174,14 @@ class PUCTSampler(Sampler):
     there are fewer than two of them or they all tie. n(s): `update` calls on s or any descendant (each
     call counts once for the parent and every ancestor); T: all `update` calls.
 
+    Visit counting (`visits`): "expansions" (default) counts n(s) and T in expanded parents, one per
+    rollout group, as the paper's appendix on PUCT state reuse defines them (n(s): expansions of s or a
+    descendant; T: all expansions). It is the default because it is the published definition and keeps
+    the exploration bonus independent of the group size, a knob the CPU presets vary. "rollouts" counts
+    replies instead, as the released code does (tinker_cookbook/recipes/ttt/sampler.py counts a visit per
+    rollout): a group of 8 then weighs twice a group of 4. Invalid replies count too, so `update` needs
+    `rollouts` in this mode.
+
     Buffer: children enter unless their id (a content hash) is already there; each parent keeps only its
     `children_per_parent` best children; above `max_size` the worst states go, but never an initial state
     nor the best one. Lineage links and statistics of evicted states are kept, so visits still reach
@@ -164,8 +201,11 @@ class PUCTSampler(Sampler):
         max_size: int = 1000,
         children_per_parent: int = 2,
         seed: int = 0,
+        visits: str = "expansions",
     ) -> None:
         initial = _checked_initial(initial_states)
+        if visits not in VISIT_UNITS:
+            raise ValueError(f"visits must be one of {VISIT_UNITS}, got {visits!r}")
         if not (isinstance(c, (int, float)) and math.isfinite(c) and c >= 0):
             raise ValueError(f"c must be a finite number >= 0, got {c!r}")
         if not isinstance(max_size, int) or max_size <= len(initial):
@@ -177,6 +217,7 @@ class PUCTSampler(Sampler):
         self.c = float(c)
         self.max_size = max_size
         self.children_per_parent = children_per_parent
+        self.visits = visits
         self._rng = np.random.default_rng(seed)
         self._buffer: dict[str, State] = {s["id"]: dict(s) for s in initial}
         self._initial_ids: list[str] = [s["id"] for s in initial]
@@ -186,7 +227,12 @@ class PUCTSampler(Sampler):
         self._total = 0
 
     def _config(self) -> dict[str, Any]:
-        return {"c": self.c, "max_size": self.max_size, "children_per_parent": self.children_per_parent}
+        return {
+            "c": self.c,
+            "max_size": self.max_size,
+            "children_per_parent": self.children_per_parent,
+            "visits": self.visits,
+        }
 
     def _payload(self) -> dict[str, Any]:
         return {
@@ -277,14 +323,20 @@ class PUCTSampler(Sampler):
                         stack.append(child)
         return [dict(picks[i % len(picks)]) for i in range(k)]
 
-    def update(self, parent: State, children: list[State]) -> None:
+    def update(self, parent: State, children: list[State], rollouts: int | None = None) -> None:
         parent, children = _checked_update(parent, children)
+        _checked_rollouts(rollouts, children)
         pid = parent["id"]
         if pid not in self._parent_of:
             raise ValueError(f"parent {pid} was never in this sampler's buffer")
-        self._total += 1
+        count = 1
+        if self.visits == "rollouts":
+            if rollouts is None:
+                raise ValueError("visits='rollouts' counts replies: pass update(..., rollouts=replies in the group)")
+            count = _checked_rollouts(rollouts, children)
+        self._total += count
         for sid in [pid, *self._ancestors(pid)]:
-            self._visits[sid] = self._visits.get(sid, 0) + 1
+            self._visits[sid] = self._visits.get(sid, 0) + count
         if not children:
             return
         self._best_child[pid] = max(self._best_child.get(pid, -math.inf), *(s["reward"] for s in children))
@@ -359,8 +411,9 @@ class GreedySampler(Sampler):
         draws = self._rng.integers(len(self._buffer), size=k)
         return [dict(self._buffer[int(d)] if e else self._buffer[0]) for e, d in zip(explore, draws, strict=True)]
 
-    def update(self, parent: State, children: list[State]) -> None:
+    def update(self, parent: State, children: list[State], rollouts: int | None = None) -> None:
         _, children = _checked_update(parent, children)
+        _checked_rollouts(rollouts, children)
         known = {s["id"] for s in self._buffer}
         for child in children:
             if child["id"] not in known:
@@ -398,6 +451,7 @@ class FixedSampler(Sampler):
         _check_k(k)
         return [dict(self._initial[i % len(self._initial)]) for i in range(k)]
 
-    def update(self, parent: State, children: list[State]) -> None:
+    def update(self, parent: State, children: list[State], rollouts: int | None = None) -> None:
         _, children = _checked_update(parent, children)
+        _checked_rollouts(rollouts, children)
         self._best = _ranked([self._best, *(dict(s) for s in children)])[0]

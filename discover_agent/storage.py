@@ -43,15 +43,35 @@ def append_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
         os.fsync(fh.fileno())
 
 
+class CorruptFile(ValueError):
+    """A run file that cannot be read back as written; the message names the file and line."""
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file written by `write_json`, with an error that names the file if it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFile(f"{path} is not valid JSON: {exc}") from None
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read the complete lines of a JSONL file; a torn last line (crash mid-write) is dropped."""
-    rows = []
+    """Every row of a JSONL file. A last line without its newline is dropped: `append_jsonl` syncs whole
+    lines before a step is checkpointed, so it can only be a crashed, unfinished append. Any other bad line
+    is an error naming the file and line, so no row after it is lost silently."""
     path = Path(path)
     if not path.exists():
-        return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    lines.pop()  # "" when the file ends with a newline, else the unfinished last line
+    rows = []
+    for number, line in enumerate(lines, start=1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CorruptFile(f"{path}:{number}: not a JSON row ({exc.msg}); fix or delete that line") from None
+        if not isinstance(row, dict):
+            raise CorruptFile(f"{path}:{number}: a row must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows

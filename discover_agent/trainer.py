@@ -1,54 +1,91 @@
 """The LoRA update: one importance-sampled policy-gradient step with per-token KL shaping toward the base model.
 
 loss = -sum_bt ratio_bt * A_bt * mask_bt / (number of completion tokens), where ratio_bt = exp(logp_current -
-logp_sampled) (the sampling log-prob is a constant) and A_bt = `kl_shaped_advantages(A_b, logp_current,
-logp_base, mask, kl_coef)`. The base model is the same network with the adapter disabled, so no second copy is
-held in memory. Micro-batches accumulate gradients of that one loss, so the step does not depend on their size.
+logp_sampled) (the sampling log-prob is a constant) and A_bt = `kl_shaped_advantages(A_b, logp_sampled,
+logp_base, mask, kl_coef)`: as in the released code (`incorporate_kl_penalty` in ttt_discover/rl/train.py) the
+penalty compares the sampling log-probs with the base model's, so it needs one no-grad pass of the base model
+(the same network with the adapter disabled) and none at all when kl_coef is 0. Micro-batches accumulate
+gradients of that one loss, so the step does not depend on their size; there is one optimiser step per step
+(the released code's `num_substeps = 1`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from discover_agent.objective import kl_shaped_advantages
 from discover_agent.policy import LocalPolicy, Sample
 
-__all__ = ["Trainer", "TrainerConfig"]
+__all__ = ["DEFAULT_KL_COEF", "KL_COEF_BY_ENV", "Trainer", "TrainerConfig", "default_kl_coef"]
+
+#: lambda of the KL shaping where the paper names none for the task.
+DEFAULT_KL_COEF = 0.1
+#: Tasks where the paper uses another lambda: 0.01 for algorithm engineering (the AtCoder contests).
+KL_COEF_BY_ENV: dict[str, float] = {"discover/AHC039-v0": 0.01, "discover/AHC058-v0": 0.01}
+
+
+def default_kl_coef(env_id: str) -> float:
+    """The KL coefficient the paper uses for `env_id` (`KL_COEF_BY_ENV`), else `DEFAULT_KL_COEF`."""
+    return KL_COEF_BY_ENV.get(env_id, DEFAULT_KL_COEF)
 
 
 @dataclass
 class TrainerConfig:
-    """lr: AdamW learning rate of the LoRA weights. kl_coef: lambda of the KL shaping (0 turns it off).
-    max_grad_norm: clip of the total gradient norm. micro_batch_size: replies per forward/backward pass."""
+    """lr: Adam learning rate of the LoRA weights. kl_coef: lambda of the KL shaping (0 turns it off and skips
+    the base-model pass). max_grad_norm: clip of the total gradient norm; None (the default, as in the released
+    code) does not clip. betas: Adam's (beta1, beta2); (0.9, 0.95) as the released code's `enqueue_optim_step`.
+    micro_batch_size: replies per forward/backward pass."""
 
     lr: float = 4e-5
-    kl_coef: float = 0.1
-    max_grad_norm: float = 1.0
+    kl_coef: float = DEFAULT_KL_COEF
+    max_grad_norm: float | None = None
     micro_batch_size: int = 8
     weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
             raise ValueError(f"kl_coef must be finite and >= 0, got {self.kl_coef!r}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
 
 
 def _pad(rows: list[torch.Tensor], width: int, value: float | bool = 0) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=value) for r in rows])
 
 
+def _informative(advantages: Sequence[float], group_sizes: Sequence[int] | None) -> list[int]:
+    """Indices of the replies whose group carries signal. A group whose advantages are all zero (its rewards
+    were all equal) is left out, as the released code's `remove_constant_reward_groups` does: it would only
+    add KL terms and dilute the mean over tokens."""
+    if group_sizes is None:
+        return list(range(len(advantages)))
+    if any(size < 1 for size in group_sizes) or sum(group_sizes) != len(advantages):
+        raise ValueError(f"group_sizes {list(group_sizes)} must be positive and sum to {len(advantages)} replies")
+    keep, start = [], 0
+    for size in group_sizes:
+        if any(a != 0 for a in advantages[start : start + size]):
+            keep.extend(range(start, start + size))
+        start += size
+    return keep
+
+
 class Trainer:
-    """AdamW on the policy's LoRA parameters only; `step` is one optimiser step over a batch of replies."""
+    """Adam on the policy's LoRA parameters only; `step` is one optimiser step over a batch of replies."""
 
     def __init__(self, policy: LocalPolicy, config: TrainerConfig | None = None) -> None:
         self.policy = policy
@@ -56,78 +93,97 @@ class Trainer:
         self.params = [p for p in policy.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the policy has no trainable (LoRA) parameters")
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        )
+        #: Called with the number of replies whose backward pass is done, after each micro-batch.
+        self.progress: Callable[[int], None] | None = None
 
-    def step(self, samples: Sequence[Sample], advantages: Sequence[float]) -> dict[str, float]:
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot (not live references) of the optimiser's moments and step counts; the LoRA weights are
+        saved with `policy.save_adapter`."""
+        return {"optimizer": copy.deepcopy(self.optimizer.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`: the next step then equals the one an uninterrupted run would take."""
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def step(
+        self, samples: Sequence[Sample], advantages: Sequence[float], group_sizes: Sequence[int] | None = None
+    ) -> dict[str, float]:
         """One update from `samples` (as sampled by the policy) and their per-reply advantages.
 
-        Returns loss, kl (mean log-ratio current/base over tokens, before the update), grad_norm (before
-        clipping), ratio (mean importance ratio), tokens and seconds.
+        `group_sizes` (consecutive replies per group) lets groups whose advantages are all zero drop out of the
+        loss; if every group drops out, nothing is updated and the metrics say `skipped` = 1.
+
+        Returns loss, kl (mean log-ratio current/base over tokens, before the update; only with kl_coef > 0),
+        grad_norm (before any clipping), ratio (mean importance ratio), tokens, seconds and skipped.
         """
         started = time.perf_counter()
         samples = list(samples)
+        advantages = [float(a) for a in advantages]
         if len(samples) != len(advantages) or not samples:
             raise ValueError(f"need one advantage per sample, got {len(samples)} samples, {len(advantages)} advantages")
+        if not all(math.isfinite(a) for a in advantages):
+            raise ValueError(f"advantages must be finite, got {advantages}")
         for i, s in enumerate(samples):
             if len(s.logprobs) != len(s.completion_ids):
                 raise ValueError(
                     f"sample {i} has {len(s.logprobs)} log-probs for {len(s.completion_ids)} tokens; the trainer "
                     "needs samples from a LocalPolicy (endpoints give no token ids)"
                 )
-        device = self.policy.device
-        adv = torch.tensor([float(a) for a in advantages], dtype=torch.float32, device=device)
-        if not bool(torch.isfinite(adv).all()):
-            raise ValueError(f"advantages must be finite, got {list(advantages)}")
+        keep = _informative(advantages, group_sizes)
+        samples, advantages = [samples[i] for i in keep], [advantages[i] for i in keep]
         tokens = sum(len(s.completion_ids) for s in samples)
+        if not samples:
+            return {"skipped": 1.0, "tokens": 0.0, "seconds": time.perf_counter() - started}
         if tokens == 0:
             raise ValueError("the samples have no completion tokens to train on")
+        metrics = self._update(samples, advantages, tokens)
+        return {**metrics, "tokens": float(tokens), "seconds": time.perf_counter() - started, "skipped": 0.0}
+
+    def _update(self, samples: list[Sample], advantages: list[float], tokens: int) -> dict[str, float]:
+        device, model, coef = self.policy.device, self.policy.model, self.config.kl_coef
         size = self.config.micro_batch_size
         chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
-        model = self.policy.model
-
-        with torch.no_grad():
-            with model.disable_adapter():
+        sampled, masks = [], []
+        for chunk in chunks:
+            steps = max(len(s.completion_ids) for s in chunk)
+            sampled.append(torch.tensor([s.logprobs + [0.0] * (steps - len(s.logprobs)) for s in chunk], device=device))
+            masks.append(torch.tensor([[t < len(s.logprobs) for t in range(steps)] for s in chunk], device=device))
+        adv = torch.tensor(advantages, dtype=torch.float32, device=device)
+        width = max(m.shape[1] for m in masks)
+        if coef > 0:
+            with torch.no_grad(), model.disable_adapter():
                 base = [self.policy.token_logprobs(c)[0] for c in chunks]
-            if len(chunks) > 1:
-                # The KL shaping centres on the whole batch's mean log-ratio: a no-grad pass gets it first.
-                current, masks = map(list, zip(*(self.policy.token_logprobs(c) for c in chunks), strict=True))
-        graph = None
+            shaped = kl_shaped_advantages(adv, _pad(sampled, width), _pad(base, width), _pad(masks, width, False), coef)
+        else:
+            shaped = adv[:, None] * _pad(masks, width, False)
+        loss_sum = ratio_sum = kl_sum = 0.0
+        row = 0
         model.train()  # LoRA dropout, if configured, during the differentiable passes only
         try:
-            if len(chunks) == 1:
-                graph, mask = self.policy.token_logprobs(chunks[0])
-                current, masks = [graph.detach()], [mask]
-            width = max(m.shape[1] for m in masks)
-            shaped = kl_shaped_advantages(
-                adv, _pad(current, width), _pad(base, width), _pad(masks, width, False),
-                self.config.kl_coef,
-            )  # fmt: skip
-            loss_sum = ratio_sum = 0.0
-            row = 0
-            for chunk, mask in zip(chunks, masks, strict=True):
-                logp = graph if graph is not None else self.policy.token_logprobs(chunk)[0]
-                steps = logp.shape[1]
-                sampled = torch.zeros_like(logp)
-                for i, s in enumerate(chunk):
-                    sampled[i, : len(s.logprobs)] = torch.tensor(s.logprobs, device=device)
-                ratio = torch.exp(logp - sampled)
-                weights = shaped[row : row + len(chunk), :steps]
-                loss = -(ratio * weights * mask).sum() / tokens
+            for i, (chunk, mask) in enumerate(zip(chunks, masks, strict=True)):
+                logp = self.policy.token_logprobs(chunk)[0]
+                ratio = torch.exp(logp - sampled[i])
+                loss = -(ratio * shaped[row : row + len(chunk), : logp.shape[1]] * mask).sum() / tokens
                 loss.backward()
                 loss_sum += float(loss.detach())
                 ratio_sum += float((ratio.detach() * mask).sum())
+                if coef > 0:
+                    kl_sum += float(((logp.detach() - base[i]) * mask).sum())
                 row += len(chunk)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm, error_if_nonfinite=True)
+                if self.progress is not None:
+                    self.progress(len(chunk))
+            max_norm = self.config.max_grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.params, math.inf if max_norm is None else max_norm, error_if_nonfinite=True
+            )
             self.optimizer.step()
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             model.eval()
-        kl = sum(float(((c - b) * m).sum()) for c, b, m in zip(current, base, masks, strict=True)) / tokens
-        return {
-            "loss": loss_sum,
-            "kl": kl,
-            "grad_norm": float(grad_norm),
-            "ratio": ratio_sum / tokens,
-            "tokens": float(tokens),
-            "seconds": time.perf_counter() - started,
-        }
+        metrics = {"loss": loss_sum, "grad_norm": float(grad_norm), "ratio": ratio_sum / tokens}
+        if coef > 0:
+            metrics["kl"] = kl_sum / tokens
+        return metrics

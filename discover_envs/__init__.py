@@ -1,6 +1,7 @@
 """Gymnasium text environments for test-time discovery: one problem, exact verifier, restartable states.
 
-`import discover_envs` registers the `discover/...-v0` ids with Gymnasium.
+`import discover_envs` registers the `discover/...-v0` ids with Gymnasium; `discover_envs.register` adds
+an id for a problem of one's own.
 """
 
 from discover_envs.env import DiscoverEnv
@@ -12,7 +13,8 @@ from discover_envs.problem import (
     InvalidState,
     Problem,
 )
-from discover_envs.registry import env_ids, register_envs
+from discover_envs.registry import env_ids, register, register_envs
+from discover_envs.trl_rewards import trl_prompt_dataset, trl_reward_func
 
 register_envs()
 
@@ -25,4 +27,7 @@ __all__ = [
     "InvalidState",
     "Problem",
     "env_ids",
+    "register",
+    "trl_prompt_dataset",
+    "trl_reward_func",
 ]

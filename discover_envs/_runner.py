@@ -1,13 +1,17 @@
 """Child side of the sandbox. Two forms, both started by `sandbox.py` in the run's folder:
 
-    python -I _runner.py LIMITS WORKDIR          call the candidate's function (`run_function`)
-    python -I -S _runner.py LIMITS --exec ARGV   become ARGV (`run_program`)
+    python -I _runner.py LIMITS WORKDIR                 call the candidate's function (`run_function`)
+    python -I -S _runner.py LIMITS WORKDIR --exec ARGV  become ARGV in WORKDIR (`run_program`)
 
-It first applies LIMITS ("address-space bytes,CPU seconds,file bytes,open files") to itself, before any
-untrusted code exists in the process; children inherit them. Doing this here instead of in a `preexec_fn` lets
-the parent spawn with vfork and without running Python between fork and exec, which the subprocess docs call
-unsafe in a threaded parent. It imports nothing from the project (and numpy only to call a function), so its
-start-up costs what `python -c "import numpy"` costs. Values go back as `result.npy` or JSON in `result.json`.
+It first confines itself, before any untrusted code exists in the process; children inherit all of it.
+LIMITS is "address-space bytes,CPU seconds,file bytes,open files,tasks,uid,parent pid": the rlimits (tasks 0:
+no RLIMIT_NPROC); then, unless uid is -1 (the parent is root), it gives up root for good (no supplementary
+groups, gid and uid set to uid, no capability left, or exit status 126); then, unless parent pid is 0 (no PID
+namespace holds the run), it asks the kernel to SIGKILL it when that parent dies (after the uid change, which
+would clear the request). Doing this here instead of in a `preexec_fn` lets the parent spawn with vfork and
+without running Python between fork and exec, which the subprocess docs call unsafe in a threaded parent.
+It imports nothing from the project (and numpy only to call a function), so its start-up costs what
+`python -c "import numpy"` costs. Values go back as `result.npy` or JSON in `result.json`.
 """
 
 import json
@@ -16,21 +20,64 @@ import resource
 import signal
 import sys
 
+PR_SET_PDEATHSIG = 1
 
-def set_limits(spec: str) -> None:
-    memory, cpu, fsize, nofile = (int(x) for x in spec.split(","))
-    for which, soft, hard in (
+
+def confine(spec: str) -> None:
+    memory, cpu, fsize, nofile, nproc, uid, parent = (int(x) for x in spec.split(","))
+    set_limits(memory, cpu, fsize, nofile, nproc)
+    if parent:
+        import ctypes  # before the drop: the interpreter's library may be closed to the new uid
+
+        libc = ctypes.CDLL(None, use_errno=True)
+    if uid != -1:
+        drop_privileges(uid)
+    if parent:
+        die_with(parent, libc)
+
+
+def set_limits(memory: int, cpu: int, fsize: int, nofile: int, nproc: int) -> None:
+    limits = [
         (resource.RLIMIT_AS, memory, memory),
         # SIGXCPU at the soft limit (reported by name), SIGKILL one second later if it is caught.
         (resource.RLIMIT_CPU, cpu, cpu + 1),
         (resource.RLIMIT_FSIZE, fsize, fsize),
         (resource.RLIMIT_NOFILE, nofile, nofile),
         (resource.RLIMIT_CORE, 0, 0),
-    ):
+    ]
+    if nproc:
+        limits.append((resource.RLIMIT_NPROC, nproc, nproc))
+    for which, soft, hard in limits:
         ceiling = resource.getrlimit(which)[1]
         if ceiling != resource.RLIM_INFINITY:
             soft, hard = min(soft, ceiling), min(hard, ceiling)
         resource.setrlimit(which, (soft, hard))
+
+
+def drop_privileges(uid: int) -> None:
+    """Become `uid` (and gid `uid`) with no groups and no capabilities, or exit 126 before any code runs."""
+    try:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        with open("/proc/self/status") as fh:
+            caps = {k: v.strip() for k, _, v in (line.partition(":") for line in fh) if k in ("CapEff", "CapPrm")}
+        if os.getresuid() != (uid, uid, uid) or os.getresgid() != (uid, uid, uid) or os.getgroups():
+            raise OSError(f"ids are {os.getresuid()}/{os.getresgid()}/{os.getgroups()}")
+        if any(int(v, 16) for v in caps.values()) or len(caps) != 2:
+            raise OSError(f"capabilities left: {caps}")
+    except OSError as exc:
+        sys.stderr.write(f"sandbox: cannot drop privileges to uid {uid}: {exc}\n")
+        os._exit(126)
+
+
+def die_with(parent: int, libc) -> None:
+    """PR_SET_PDEATHSIG(SIGKILL); exit at once if `parent` is already gone (the request would never fire)."""
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        sys.stderr.write("sandbox: prctl(PR_SET_PDEATHSIG) failed\n")
+        os._exit(126)
+    if os.getppid() != parent:
+        os._exit(126)
 
 
 def _write(work: str, status: dict) -> None:
@@ -108,15 +155,17 @@ def call(work: str, memory_mb: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    set_limits(argv[0])
-    if argv[1] == "--exec":
+    confine(argv[0])
+    # Only now: a root bwrap without CAP_DAC_OVERRIDE cannot enter a folder that belongs to the dropped uid.
+    os.chdir(argv[1])
+    if argv[2:3] == ["--exec"]:
         # Python ignores these two; exec keeps ignored signals, and the program must get the usual defaults.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
         try:
-            os.execvp(argv[2], argv[2:])
+            os.execvp(argv[3], argv[3:])
         except OSError as exc:
-            sys.stderr.write(f"sandbox: cannot run {argv[2]!r}: {exc.strerror}\n")
+            sys.stderr.write(f"sandbox: cannot run {argv[3]!r}: {exc.strerror}\n")
             sys.exit(127)
     call(argv[1], int(argv[0].split(",")[0]) >> 20)
 

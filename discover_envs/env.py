@@ -7,6 +7,7 @@ it (its score is recomputed; a tampered one is rejected). The problem's class do
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import string
 from typing import Any
@@ -14,18 +15,22 @@ from typing import Any
 import gymnasium as gym
 from gymnasium import spaces
 
-from discover_envs.problem import InvalidSolution, InvalidState, Problem
+from discover_envs.problem import Evaluation, InvalidSolution, InvalidState, Problem
+from discover_envs.sandbox import IsolationUnavailable, allow_unsafe_no_isolation, isolation_report, recorded_modes
 from discover_envs.state import STATE_KEYS, content_id, make_state
 
 #: Characters a prompt or reply may contain; covers ASCII text, code and the maths in the prompts.
 CHARSET = string.printable + "őáéíóúöüäß×≤≥±≈∞∑∫√πβλ–—‘’“”…·²³⁻∈"
 MAX_TEXT = 2_000_000
+#: Longest error kept in `info["error"]` (it lands in logs and prompts).
+MAX_ERROR = 10_000
 #: Most (problem, state id, score) triples remembered as verified in this process (see `_VERIFIED`).
 MAX_VERIFIED = 100_000
 #: States this process has verified (produced by `step` or checked by `reset`), so an agent restarting from
 #: its own buffer does not re-run code tasks. Sound because the id is re-derived from the content each time
 #: and the score must equal the verified one.
 _VERIFIED: set[tuple[str, str, float]] = set()
+_log = logging.getLogger(__name__)
 
 
 def load_problem(problem: str | type[Problem], kwargs: dict[str, Any]) -> Problem:
@@ -39,13 +44,34 @@ def load_problem(problem: str | type[Problem], kwargs: dict[str, Any]) -> Proble
 
 
 class DiscoverEnv(gym.Env[str, str]):
-    """A text environment around one `Problem`; see the problem's docstring for its rules and figures."""
+    """A text environment around one `Problem`; see the problem's docstring for its rules and figures.
 
-    metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012 - Gymnasium's own convention
+    `metadata` carries what an agent may use beyond the Gymnasium API (see the README's agent contract):
+    `higher_is_better` and `score_name` of the problem's figure, `construction_spec` (None for code-only
+    tasks) for constrained decoding, and `sandbox`, the isolation candidate code gets here (for run records).
+    `render_mode="ansi"`: `render()` returns the current state as text.
+    `unsafe_no_isolation=True` lets candidate code run without a namespace sandbox where bubblewrap cannot
+    (a root parent refuses otherwise; see `discover_envs.sandbox`); it holds for the whole process.
+    """
 
-    def __init__(self, problem: str | type[Problem], **problem_kwargs: Any) -> None:
+    #: render_fps: Gymnasium's checker asks for one; a text env renders once per step.
+    metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 1}  # noqa: RUF012 - Gymnasium's convention
+
+    def __init__(self, problem: str | type[Problem], render_mode: str | None = None, **problem_kwargs: Any) -> None:
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        self.render_mode = render_mode
+        if problem_kwargs.pop("unsafe_no_isolation", False):
+            allow_unsafe_no_isolation()  # process-wide: see `discover_envs.sandbox`
         self.problem = load_problem(problem, problem_kwargs)
         self._key = f"{problem}:{sorted(problem_kwargs.items())!r}"
+        self.metadata = {
+            **type(self).metadata,
+            "higher_is_better": self.problem.higher_is_better,
+            "score_name": getattr(self.problem, "figure", "score"),
+            "construction_spec": self.construction_spec,
+            "sandbox": isolation_report(self.problem.limits),
+        }
         self.observation_space = spaces.Text(max_length=MAX_TEXT, min_length=1, charset=CHARSET)
         self.action_space = spaces.Text(max_length=MAX_TEXT, min_length=0, charset=CHARSET)
         self.state: dict[str, Any] | None = None
@@ -54,6 +80,14 @@ class DiscoverEnv(gym.Env[str, str]):
     def construction_spec(self):
         """Shape of a construction (kind, lengths, bounds, arity), or None for code-only tasks."""
         return getattr(self.problem, "construction_spec", None)
+
+    def render(self) -> str | None:
+        """The current state as the prompt shows it (`render_mode="ansi"`); None without a render mode."""
+        if self.render_mode is None:
+            return None
+        if self.state is None:
+            raise RuntimeError("call reset() before render()")
+        return self.problem.render_state(self.state)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         super().reset(seed=seed)
@@ -101,25 +135,52 @@ class DiscoverEnv(gym.Env[str, str]):
         _VERIFIED.add((self._key, state_id, float(score)))
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        """Verify one reply. Nothing the reply or its code does raises out of here: every failure, including a
+        crash of the verifier itself (logged with its traceback), is `valid=False` with a readable `error`.
+        `info["sandbox"]` names the mode the code ran in ("refused" when none was allowed, "none-needed" when
+        the reply ran no code)."""
         if self.state is None:
             raise RuntimeError("call reset() before step()")
         if not isinstance(action, str):
             raise TypeError(f"the action must be the model's reply as a str, got {type(action).__name__}")
         info: dict[str, Any] = {"parent_id": self.state["id"]}
+        with recorded_modes() as modes:
+            outcome = self._verified(action)
+        if isinstance(outcome, str):
+            reward = self.problem.failure_reward
+            info.update(valid=False, score=None, error=outcome[:MAX_ERROR], next_state=None)
+        else:
+            result, child = outcome
+            reward = child["reward"]
+            self._remember(child["id"], child["score"])
+            info.update(valid=True, score=child["score"], error=None, next_state=child, **result.details)
+        info["sandbox"] = modes[-1] if modes else "none-needed"
+        return self.problem.prompt(self.state), float(reward), True, False, info
+
+    def _verified(self, action: str) -> tuple[Evaluation, dict[str, Any]] | str:
+        """(evaluation, child state) of a valid reply, else the reason it is invalid."""
+        if len(action) > MAX_TEXT:
+            return f"the reply has {len(action)} characters; at most {MAX_TEXT} are read"
+        try:
+            action.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"the reply is not valid Unicode text ({exc.reason} at index {exc.start})"
         try:
             result = self.problem.evaluate(action, self.state)
-        except InvalidSolution as exc:
-            reward = self.problem.failure_reward
-            info.update(valid=False, score=None, error=str(exc), next_state=None)
-        else:
-            reward = result.reward
+            if not (math.isfinite(result.score) and math.isfinite(result.reward)):
+                return f"the verifier gave a non-finite score {result.score!r} (reward {result.reward!r})"
             child = make_state(
-                score=result.score,
-                reward=result.reward,
+                score=float(result.score),
+                reward=float(result.reward),
                 construction=result.construction,
                 code=result.code,
                 parent_id=self.state["id"],
             )
-            self._remember(child["id"], child["score"])
-            info.update(valid=True, score=result.score, error=None, next_state=child, **result.details)
-        return self.problem.prompt(self.state), float(reward), True, False, info
+        except InvalidSolution as exc:
+            return str(exc) or "the reply breaks the problem's rules"
+        except IsolationUnavailable as exc:
+            return f"the code was not run: {exc}"
+        except Exception as exc:  # a verifier bug must cost one attempt, not the run; the log keeps it visible
+            _log.exception("%s: the verifier failed on a reply", self.problem.title)
+            return f"the verifier failed on this reply: {type(exc).__name__}: {exc}"
+        return result, child

@@ -26,6 +26,7 @@ __all__ = [
     "InvalidState",
     "Problem",
     "extract_block",
+    "parse_json",
 ]
 
 
@@ -67,20 +68,45 @@ class Evaluation:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-_BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_TAG = re.compile(r"[ \t]*([A-Za-z0-9_+-]*)")
+_FENCE = "```"
 
 
 def extract_block(reply: str, languages: tuple[str, ...]) -> tuple[str, str] | None:
     """Return (language, body) of the last fenced block whose tag is in `languages`, else None.
 
-    The last block wins because models often restate the start state before giving their answer.
+    The last block wins because models often restate the start state before giving their answer. A block is
+    a fence, a tag and the rest of its line, then a body up to the next fence. One left-to-right pass (each
+    character is looked at a bounded number of times), so a reply of unclosed fences costs linear time.
     """
     found = None
-    for match in _BLOCK.finditer(reply):
-        tag = match.group(1).lower()
+    start = 0
+    while True:
+        opener = reply.find(_FENCE, start)
+        if opener < 0:
+            return found
+        newline = reply.find("\n", opener + 3)
+        closer = reply.find(_FENCE, newline + 1) if newline >= 0 else -1
+        if closer < 0:  # no later opener can have a newline and a closer after it either
+            return found
+        tag = _TAG.match(reply, opener + 3, newline).group(1).lower()
         if tag in languages:
-            found = (tag, match.group(2))
-    return found
+            found = (tag, reply[newline + 1 : closer])
+        start = closer + 3
+
+
+def parse_json(text: str, what: str) -> Any:
+    """`json.loads` that raises only `InvalidSolution`: integers too long for an exact float become floats
+    (inf beyond float range, which number checks then refuse by name), and deep nesting is an error."""
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidSolution(f"{what} is not valid JSON: {exc or 'nested too deeply'}") from None
+
+
+def _parse_int(digits: str) -> int | float:
+    # Python refuses int() of over 4300 digits (and float(int) of over ~309); float() of the text never does.
+    return int(digits) if len(digits) <= 18 else float(digits)
 
 
 class Problem(ABC):
@@ -147,8 +173,12 @@ class ConstructionProblem(Problem):
     spec: ConstructionSpec
     #: The problem's own name for its figure, e.g. "C5 upper bound".
     figure: ClassVar[str]
-    #: Decimal places shown in prompts.
+    #: Decimal places of the score shown in prompts.
     shown_digits: ClassVar[int] = 10
+    #: Most decimal places of a construction's numbers in prompts (trailing zeros dropped). Four keep a prompt
+    #: and a reply that copies it short (~8 tokens a number, see `constrained.default_max_new_tokens`) where
+    #: full floats take ~20; finer numbers are shown rounded (`run` still receives them exactly).
+    shown_decimals: ClassVar[int] = 4
     #: Longest construction text shown in a prompt; longer ones are summarised (code still gets all of it).
     max_shown_chars: ClassVar[int] = 4000
 
@@ -214,25 +244,18 @@ class ConstructionProblem(Problem):
         if block is None:
             raise InvalidSolution("the reply has no fenced ```json or ```python block")
         language, body = block
-        details: dict[str, Any] = {}
         code = None
         if language == "json":
-            try:
-                construction = json.loads(body)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                raise InvalidSolution(f"the ```json block is not valid JSON: {exc or 'nested too deeply'}") from None
+            construction = parse_json(body, "the ```json block")
         else:
             code = body
             start = np.asarray(state["construction"], dtype=np.float64)
             result = run_function(code, "run", {"construction": start}, self.limits)
-            details["sandbox"] = result.mode
             if not result.ok:
                 raise InvalidSolution(result.error)
             construction = result.value
         array, score = self.verify(construction)
-        return Evaluation(
-            score=score, reward=self.reward(score), construction=array.tolist(), code=code, details=details
-        )
+        return Evaluation(score=score, reward=self.reward(score), construction=array.tolist(), code=code)
 
     def rescore(self, state: dict[str, Any]) -> float:
         try:
@@ -241,7 +264,7 @@ class ConstructionProblem(Problem):
             raise InvalidState(f"state construction is invalid: {exc}") from None
 
     def render_state(self, state: dict[str, Any]) -> str:
-        text = json.dumps(state["construction"])
+        text = format_numbers(state["construction"], self.shown_decimals)
         if len(text) > self.max_shown_chars:
             array = np.asarray(state["construction"])
             text = (
@@ -271,6 +294,17 @@ class ConstructionProblem(Problem):
             "the start state's construction as the numpy array keyword `construction`). "
             "The last such block counts."
         )
+
+
+def format_numbers(value: Any, decimals: int) -> str:
+    """JSON text of a number or nested list of numbers, each rounded to at most `decimals` decimal places
+    with trailing zeros dropped ("0.25", "1", not "0.250000" or "1.0"); the prompt's view of a state."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return "[" + ", ".join(format_numbers(item, decimals) for item in value) + "]"
+    text = f"{float(value):.{decimals}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
 
 
 def _reject_non_numbers(value: Any, path: str = "construction") -> None:

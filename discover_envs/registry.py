@@ -1,4 +1,8 @@
-"""Every environment id in one place: adding a task is a file in `problems/` plus one line here."""
+"""Every environment id in one place: adding a task is a file in `problems/` plus one line here.
+
+Each id is bound to its problem: `gym.make(id, problem=...)` is refused rather than swapping the task behind
+an id. A problem of one's own gets its own id with `discover_envs.register` (see the README).
+"""
 
 from __future__ import annotations
 
@@ -6,43 +10,68 @@ from typing import Any
 
 import gymnasium as gym
 
-ENTRY_POINT = "discover_envs.env:DiscoverEnv"
+from discover_envs.env import DiscoverEnv
+from discover_envs.problem import Problem
 
 
-def _add(env_id: str, problem: str, *, nondeterministic: bool = False, **defaults: Any) -> None:
-    """Register `env_id` as a `DiscoverEnv` around the `problem` class ("module:Class"), once."""
+class BoundProblem:
+    """The entry point of one id: a `DiscoverEnv` around its problem, whatever kwargs `gym.make` adds."""
+
+    metadata = DiscoverEnv.metadata  # gym.make reads the render modes here
+
+    def __init__(self, env_id: str, problem: str | type[Problem]) -> None:
+        self.env_id, self.problem = env_id, problem
+
+    def __call__(self, **kwargs: Any) -> DiscoverEnv:
+        if "problem" in kwargs:
+            raise TypeError(
+                f"{self.env_id} is bound to {self.problem}; register another problem under its own id with "
+                "discover_envs.register(env_id, problem)"
+            )
+        return DiscoverEnv(self.problem, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"BoundProblem({self.env_id!r}, {self.problem!r})"
+
+
+def register(env_id: str, problem: str | type[Problem], *, nondeterministic: bool = False, **defaults: Any) -> None:
+    """Register `env_id` as a `DiscoverEnv` around `problem` (a `Problem` subclass or "module:Class").
+
+    `defaults` are the problem's constructor arguments unless `gym.make` overrides them. Registering an id
+    twice is an error unless it names the same problem (so importing a module twice is harmless).
+    """
     if env_id in gym.registry:
-        return
+        entry_point = gym.registry[env_id].entry_point
+        if isinstance(entry_point, BoundProblem) and entry_point.problem == problem:
+            return
+        raise ValueError(f"{env_id} is already registered, for {entry_point!r}")
     gym.register(
-        id=env_id,
-        entry_point=ENTRY_POINT,
-        kwargs={"problem": problem, **defaults},
-        nondeterministic=nondeterministic,
-        disable_env_checker=True,
+        id=env_id, entry_point=BoundProblem(env_id, problem), kwargs=defaults, nondeterministic=nondeterministic
     )
 
 
 def register_envs() -> None:
     """Construction actions are deterministic; `nondeterministic=True` marks ids whose actions run code
     whose result may vary (timings, candidate randomness)."""
-    _add("discover/ErdosMinOverlap-v0", "discover_envs.problems.erdos:ErdosMinOverlap", nondeterministic=True)
-    _add(
+    register("discover/ErdosMinOverlap-v0", "discover_envs.problems.erdos:ErdosMinOverlap", nondeterministic=True)
+    register(
         "discover/AC1-v0",
         "discover_envs.problems.autocorrelation:FirstAutocorrelation",
         nondeterministic=True,
     )
-    _add(
+    register(
         "discover/AC2-v0",
         "discover_envs.problems.autocorrelation:SecondAutocorrelation",
         nondeterministic=True,
     )
-    _add("discover/CirclePacking26-v0", "discover_envs.problems.circle_packing:CirclePacking", n=26,
-         nondeterministic=True)  # fmt: skip
-    _add("discover/CirclePacking32-v0", "discover_envs.problems.circle_packing:CirclePacking", n=32,
-         nondeterministic=True)  # fmt: skip
-    _add("discover/Denoising-v0", "discover_envs.problems.denoising:Denoising", nondeterministic=True)
-    _add("discover/AHC039-v0", "discover_envs.problems.ahc039:PurseSeine", nondeterministic=True)
-    _add("discover/TriMul-v0", "discover_envs.problems.trimul:TriMul", nondeterministic=True)
+    register("discover/CirclePacking26-v0", "discover_envs.problems.circle_packing:CirclePacking", n=26,
+             nondeterministic=True)  # fmt: skip
+    register("discover/CirclePacking32-v0", "discover_envs.problems.circle_packing:CirclePacking", n=32,
+             nondeterministic=True)  # fmt: skip
+    register("discover/Denoising-v0", "discover_envs.problems.denoising:Denoising", nondeterministic=True)
+    register("discover/AHC039-v0", "discover_envs.problems.ahc039:PurseSeine", nondeterministic=True)
+    register("discover/AHC058-v0", "discover_envs.problems.ahc058:AppleMachines", nondeterministic=True)
+    register("discover/TriMul-v0", "discover_envs.problems.trimul:TriMul", nondeterministic=True)
 
 
 def env_ids() -> list[str]:

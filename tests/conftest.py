@@ -11,6 +11,15 @@ from tiny_model import build_model, build_tokenizer
 from discover_agent.model import EMBEDDED_NAME, ensure_embedded_model
 from discover_agent.policy import LocalPolicy, PolicyConfig
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Two sets (see the README): `make test` runs the fast one; tests that need the embedded model and the
+    benchmarks (tests/benchmarks, timed by `make bench`) are `slow`, run by `make test-slow`."""
+    for item in items:
+        if "embedded_model_dir" in getattr(item, "fixturenames", ()) or "benchmarks" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
+
+
 TINY_DEFAULTS = {"device": "cpu", "max_new_tokens": 10, "batch_size": 4, "seed": 0}
 
 

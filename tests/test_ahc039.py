@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import tracemalloc
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -12,16 +15,23 @@ from gymnasium.utils.env_checker import check_env
 
 import discover_envs  # noqa: F401 - registers the ids
 from discover_envs.problem import InvalidSolution, InvalidState
+from discover_envs.problems import contest
 from discover_envs.problems.ahc039 import (
     BASELINE,
     N_FISH,
     PurseSeine,
     case_score,
     check_polygon,
+    format_case,
     generate_case,
     inside_mask,
+    parse_integers,
     parse_output,
+    read_case,
 )
+from discover_envs.sandbox import ProcessResult
+
+OFFICIAL = Path(__file__).parent / "data" / "ahc039"
 
 SEEDS = 2
 #: Generous per-case limit for the shared env, so a busy test machine cannot fail the end-to-end checks;
@@ -65,6 +75,112 @@ def test_generated_case_has_distinct_points_on_the_grid():
     assert points.shape == (2 * N_FISH, 2) and points.dtype == np.int64
     assert points.min() >= 0 and points.max() <= 100_000
     assert len(np.unique(points, axis=0)) == 2 * N_FISH
+
+
+def _fractions(points: np.ndarray) -> tuple[float, float]:
+    """Fraction of fish in the central square [20000, 80000]^2, and within 10000 of the border."""
+    central = ((points >= 20_000) & (points <= 80_000)).all(axis=1).mean()
+    border = ((points < 10_000) | (points > 90_000)).any(axis=1).mean()
+    return float(central), float(border)
+
+
+def test_generator_statistics_match_the_official_inputs():
+    official = np.mean([_fractions(read_case(f.read_bytes())) for f in sorted(OFFICIAL.glob("*.txt"))], axis=0)
+    generated = np.mean([_fractions(generate_case(seed)) for seed in range(20)], axis=0)
+    # Official: 91% central, 0.06% near the border (92% and 0.04% on all 150); the old generator gave 37% and 33%.
+    assert abs(generated[0] - official[0]) < 0.03 and official[0] > 0.85
+    assert generated[1] < 0.003 and official[1] < 0.003
+
+
+def test_official_inputs_parse_and_round_trip():
+    files = sorted(OFFICIAL.glob("*.txt"))
+    assert len(files) == 10
+    for path in files:
+        points = read_case(path.read_bytes())
+        assert np.array_equal(points, np.loadtxt(path, skiprows=1, dtype=np.int64))
+    assert np.array_equal(read_case(format_case(generate_case(4))), generate_case(4))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"2\n0 0\n1 1\n2 2\n", "needs 8 coordinates"),
+        (b"1\n0 0\n0 0\n", "two fish share a point"),
+        (b"1\n0 0\n0 100001\n", "outside"),
+        (b"x", "not a 64-bit integer"),
+    ],
+)
+def test_malformed_input_file_is_refused_naming_it(tmp_path, text, message):
+    (tmp_path / "a.txt").write_bytes(text)
+    with pytest.raises(ValueError, match=f"'a.txt' is not in the official format: .*{message}"):
+        PurseSeine(cases_dir=tmp_path)
+
+
+def test_cases_dir_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="is not a folder"):
+        PurseSeine(cases_dir=tmp_path / "missing")
+    with pytest.raises(ValueError, match="holds no"):
+        PurseSeine(cases_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"n_cases=11 but cases_dir .* holds only 10"):
+        PurseSeine(cases_dir=OFFICIAL, n_cases=11)
+    with pytest.raises(ValueError, match="first_seed"):
+        PurseSeine(cases_dir=OFFICIAL, first_seed=3)
+
+
+def test_cases_dir_scores_on_official_inputs_sorted_by_name():
+    problem = PurseSeine(cases_dir=OFFICIAL, n_cases=2, timeout_s=TIMEOUT_S)
+    assert problem.cases == ["000.txt", "001.txt"] and PurseSeine(cases_dir=OFFICIAL).cases[-1] == "009.txt"
+    rect = [(20_000, 20_000), (80_000, 20_000), (80_000, 80_000), (20_000, 80_000)]
+    result = problem.evaluate(polygon_program(rect), {})
+    official = [read_case((OFFICIAL / name).read_bytes()) for name in problem.cases]
+    assert result.details["case_scores"] == [case_score(np.array(rect), points) for points in official]
+    assert result.construction["cases"] == ["000.txt", "001.txt"]
+    with pytest.raises(InvalidSolution, match=r"first error: 000\.txt: the program failed: exit status 3"):
+        problem.evaluate(python("raise SystemExit(3)"), {})
+
+
+# --- time rule --------------------------------------------------------------------------------------------
+
+
+def _run(wall: float, cpu: float, timed_out: bool = False) -> ProcessResult:
+    return ProcessResult(0, b"", b"", timed_out, wall, "bwrap", cpu_s=cpu)
+
+
+def test_time_rule_is_cpu_time_with_wall_tolerance_and_no_sandbox_start(monkeypatch):
+    monkeypatch.setattr(contest, "_start_overhead", lambda: (0.1, 0.02))
+    rule = contest.TimeRule(cpu_s=2.0, wall_tolerance_s=0.5)
+    assert rule.verdict(_run(wall=2.55, cpu=2.01)) is None  # 1.99 s of CPU, 2.45 s of wall once the start is off
+    assert rule.verdict(_run(wall=1.0, cpu=2.05)) == "timed out: 2.03 s of CPU time > 2 s allowed"
+    assert rule.verdict(_run(wall=2.7, cpu=0.5)) == "timed out: 2.60 s of wall clock > 2 + 0.5 s allowed"
+    assert rule.verdict(_run(wall=0.1, cpu=0.0, timed_out=True)).startswith("timed out")
+    assert rule.limits(1024, 8).timeout_s == pytest.approx(2.6)
+
+
+def test_program_over_the_cpu_limit_times_out_even_within_the_wall_tolerance():
+    problem = PurseSeine(n_cases=1, timeout_s=0.3, wall_tolerance_s=20.0)
+    code = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0:\n    pass\nprint(4)"
+    with pytest.raises(InvalidSolution, match=r"seed 0: timed out: .* s of CPU time > 0.3 s allowed"):
+        problem.evaluate(python(code), {})
+
+
+def test_program_that_sleeps_past_the_tolerance_times_out_on_the_wall_clock():
+    problem = PurseSeine(n_cases=1, timeout_s=0.3, wall_tolerance_s=0.3)
+    with pytest.raises(InvalidSolution, match=r"seed 0: timed out: .* of wall clock > 0.3 \+ 0.3 s allowed"):
+        problem.evaluate(python("import time\ntime.sleep(3)"), {})
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_cpp_program_using_95_percent_of_its_cpu_budget_is_accepted():
+    """Before, the sandbox's start counted: a program using 1.95 s of its own 2 s timed out on every case.
+    The wall tolerance is widened so that a loaded test machine checks the CPU rule alone."""
+    problem = PurseSeine(n_cases=1, timeout_s=1.0, wall_tolerance_s=20.0)
+    code = (
+        "#include <cstdio>\n#include <ctime>\nint main() { while (clock() < 0.95 * CLOCKS_PER_SEC) {}\n"
+        '  std::puts("4\\n0 0\\n50000 0\\n50000 50000\\n0 50000"); }\n'
+    )
+    result = problem.evaluate(f"```cpp\n{code}```", {})
+    assert result.details["case_errors"] == [None], result.details["case_errors"]
+    assert 0.95 <= result.details["case_cpu_s"][0] < 1.1
 
 
 # --- scorer ----------------------------------------------------------------------------------------------
@@ -228,23 +344,67 @@ def test_invalid_polygon_is_rejected_naming_the_rule(poly, message):
 
 
 def test_output_parser_keeps_the_last_polygon():
-    text = "4\n0 0\n1 0\n1 1\n0 1\n4\n0 0\n2 0\n2 2\n0 2\n"
+    text = b"4\n0 0\n1 0\n1 1\n0 1\n4\n0 0\n2 0\n2 2\n0 2\n"
     assert parse_output(text).tolist() == [[0, 0], [2, 0], [2, 2], [0, 2]]
+
+
+def test_empty_output_is_no_polygon_and_scores_one():
+    assert parse_output(b"") is None and parse_output(b" \n\t\n") is None
+    problem = PurseSeine(n_cases=1)
+    assert problem.judge(b"", problem.case(0)[1]) == ([], 1)
+    assert problem.rejudge([], problem.case(0)[1]) == 1
+
+
+def test_integers_are_read_as_the_official_tester_reads_them():
+    text = b" +5 -7\n007\t9223372036854775807 -9223372036854775808 123456789012345678\r\n"
+    assert parse_integers(text).tolist() == [5, -7, 7, 2**63 - 1, -(2**63), 123456789012345678]
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["15_000", "1.5", "1e5", "--3", "3-", "+", "-", "0x10", "\u0663", "\uff15", "9223372036854775808", "1" * 21],
+)
+def test_a_token_that_is_not_an_ascii_integer_is_refused(token):
+    with pytest.raises(InvalidSolution, match="not a 64-bit integer"):
+        parse_integers(f"4 0 0 {token} 1".encode())
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("", "printed nothing"),
-        ("4\n0 0\n1 0\n1 1\n", "ends inside a polygon"),
-        ("4\n0 0\n1 0\n1 1.5\n0 1\n", "not a 64-bit integer: '1.5'"),
-        ("-3\n", "announces -3 vertices"),
+        (b"4\n0 0\n1 0\n1 1\n", "ends inside polygon 0: it announces 4 vertices but only 6 numbers follow"),
+        (b"4\n0 0\n1 0\n1 1.5\n0 1\n", "not a 64-bit integer: '1.5'"),
+        (b"-3\n", "polygon 0 announces -3 vertices"),
+        (b"4 0 0 1 0 1 1 0 1 1001", "polygon 1 announces 1001 vertices"),
+        # Every printed polygon is range-checked, not only the last one (official tester).
+        (b"4 0 0 1 0 1 -1 0 1 4 0 0 2 0 2 2 0 2", "polygon 0: vertex 2 has y = -1, outside [0, 100000]"),
+        (b"4 0 0 100001 0 1 1 0 1 3", "polygon 0: vertex 1 has x = 100001"),
     ],
 )
 def test_malformed_output_is_rejected_clearly(text, message):
     with pytest.raises(InvalidSolution) as exc:
         parse_output(text)
     assert message in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"1" * 4_000_000,  # one huge token (this made 1.9 GB in the parent)
+        b"0 " * 2_000_000,  # two million tokens
+        (b"1 " * 1000 + b"7" * 30_000 + b" ") * 120,  # long tokens among short ones
+        b"4 0 0 1 0 1 1 0 1 " * 200_000,  # many valid polygons
+    ],
+)
+def test_parsing_a_4_mb_output_holds_at_most_a_small_multiple_of_it(data):
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(InvalidSolution):
+            parse_output(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * len(data)
 
 
 # --- programs, end to end --------------------------------------------------------------------------------
@@ -314,6 +474,19 @@ def test_failed_case_scores_zero_and_is_reported_in_info(env):
     assert info["next_state"]["construction"]["polygons"][bad] is None
 
 
+def test_program_printing_one_huge_token_is_an_invalid_attempt_not_an_exception(env):
+    env.reset(seed=0)
+    _, reward, _, _, info = env.step(python("import sys\nsys.stdout.write('1' * 4_000_000)"))
+    assert not info["valid"] and reward == -1.0
+    assert "seed 0: the output has a token that is not a 64-bit integer: '111" in info["error"]
+
+
+def test_output_beyond_the_cap_fails_the_case_clearly():
+    problem = PurseSeine(n_cases=1, timeout_s=TIMEOUT_S)
+    with pytest.raises(InvalidSolution, match="seed 0: the output reached the 8 MB cap"):
+        problem.evaluate(python("import sys\nsys.stdout.write('4 0 0 1 0 1 1 0 1 ' * 1_000_000)"), {})
+
+
 def test_invalid_polygon_output_is_reported_per_case(env):
     env.reset(seed=0)
     _, reward, _, _, info = env.step(polygon_program([(0, 0), (5, 0), (6, 5), (0, 5)]))
@@ -348,14 +521,24 @@ def test_reset_from_state_with_an_invalid_polygon_is_rejected(env, baseline_step
     state = dict(baseline_step[4]["next_state"])
     polygons = [[[0, 0], [5, 0], [6, 5], [0, 5]], *state["construction"]["polygons"][1:]]
     state.update(construction={**state["construction"], "polygons": polygons}, id=None)
-    with pytest.raises(InvalidState, match=r"seed 0 is invalid: edge 1 .* not axis-parallel"):
+    with pytest.raises(InvalidState, match=r"result for seed 0 is invalid: edge 1 .* not axis-parallel"):
         env.reset(options={"state": state})
 
 
 def test_state_scored_on_other_seeds_is_rejected(baseline_step):
     state = baseline_step[4]["next_state"]
-    with pytest.raises(InvalidState, match=r"scored on seeds 0\.\.1 .*this env uses 5\.\.6"):
+    with pytest.raises(InvalidState, match=r"scored on cases 0\.\.1 \(2\), this env uses 5\.\.6 \(2\)"):
         PurseSeine(n_cases=SEEDS, first_seed=5).rescore(state)
+
+
+def test_state_is_rechecked_in_a_fresh_problem_without_running_any_program(baseline_step, monkeypatch):
+    state = baseline_step[4]["next_state"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("rescore must not run a program")
+
+    monkeypatch.setattr(contest, "run_program", refuse)
+    assert PurseSeine(n_cases=SEEDS).rescore(state) == state["score"]
 
 
 def test_env_passes_the_gymnasium_checker(env):

@@ -10,6 +10,7 @@ import pytest
 
 from discover_agent.agents import Agent, RunResult
 from discover_agent.bench import AgentSpec, run_bench, write_leaderboards
+from discover_agent.cli import main
 from discover_agent.config import AgentConfig
 
 ENV = "discover/AC1-v0"
@@ -19,16 +20,19 @@ class ConstantAgent(Agent):
     """A user's agent: always answers the same flat construction (shows the plug-in contract)."""
 
     name = "constant"
+    steps_taken = 1
 
     def run(self, progress: bool = True) -> RunResult:
         cfg = self.config
         env = gym.make(cfg.env, **cfg.resolved_env_kwargs())
         _, info = env.reset(seed=cfg.seed)
-        n = env.unwrapped.construction_spec.min_length
+        n = env.metadata["construction_spec"].min_length
         start, best = time.perf_counter(), info["state"]
-        _, reward, _, _, info = env.step("```json\n" + json.dumps([1.0] * n) + "\n```")
-        if info["valid"] and reward > best["reward"]:
-            best = info["next_state"]
+        for _ in range(self.steps_taken):
+            env.reset(options={"state": best})
+            _, reward, _, _, info = env.step("```json\n" + json.dumps([1.0] * n) + "\n```")
+            if info["valid"] and reward > best["reward"]:
+                best = info["next_state"]
         return RunResult(
             env=cfg.env, agent=self.name, model="none", best=best, best_score=best["score"],
             best_reward=best["reward"], rollouts=1, steps=1, wall_s=time.perf_counter() - start, tokens=0,
@@ -36,29 +40,63 @@ class ConstantAgent(Agent):
         )  # fmt: skip
 
 
+class UnderreportingAgent(ConstantAgent):
+    """Says it used one rollout but steps the env three times."""
+
+    steps_taken = 3
+
+
+class GreedyAgent(ConstantAgent):
+    """Steps the env more often than any budget below allows."""
+
+    steps_taken = 50
+
+
 def test_bench_runs_every_agent_and_seed_at_the_same_budget_then_writes_leaderboards(tiny_model_dir, tmp_path):
     common = {
         "model": str(tiny_model_dir), "env_kwargs": {"n": 3}, "groups": 1, "group_size": 2, "max_new_tokens": 40,
         "device": "cpu",
     }  # fmt: skip
-    agents = ["ttt", "best-of-n", "puct", "test_bench:ConstantAgent"]
+    agents = ["ttt", "best-of-n", "test_bench:ConstantAgent"]
     entries = run_bench([ENV], agents, rollouts=4, seeds=[0, 1], out=tmp_path / "runs", common=common, progress=False)
-    assert len(entries) == 8
+    assert len(entries) == 6
     for entry in entries:
         assert {"env", "agent", "model", "rollouts", "seed", "best_score", "best_reward", "wall_s", "tokens", "date",
                 "command", "best_state_file"} <= set(entry)  # fmt: skip
         assert entry["command"].startswith("discover bench --envs discover/AC1-v0")
     assert {e["rollouts"] for e in entries if e["agent"] != "test_bench:ConstantAgent"} == {4}
+    assert {e["rollouts"] for e in entries if e["agent"] == "test_bench:ConstantAgent"} == {1}
 
     written = write_leaderboards(tmp_path / "runs", tmp_path / "leaderboards")
     names = sorted(p.name for p in written)
     assert names == ["AC1-v0.json", "AC1-v0.md", "AC1-v0.png", "README.md"]
     table = (tmp_path / "leaderboards" / "AC1-v0.md").read_text()
-    for agent in ("ttt", "best-of-n", "puct", "test_bench:ConstantAgent"):
+    for agent in ("ttt", "best-of-n", "test_bench:ConstantAgent"):
         assert f"| {agent} |" in table
     assert "Matolcsi" in table
     assert (tmp_path / "leaderboards" / "AC1-v0.png").stat().st_size > 5000
-    assert len(json.loads((tmp_path / "leaderboards" / "AC1-v0.json").read_text())) == 8
+    assert len(json.loads((tmp_path / "leaderboards" / "AC1-v0.json").read_text())) == 6
+
+
+def test_bench_counts_env_steps_itself_instead_of_trusting_the_agent(tmp_path):
+    common = {"env_kwargs": {"n": 3}, "groups": 1, "group_size": 2}
+    entries = run_bench([ENV], ["test_bench:UnderreportingAgent"], 4, [0], tmp_path, common)
+    assert entries[0]["rollouts"] == 3
+    with pytest.raises(ValueError, match="took 50 env steps"):
+        run_bench([ENV], ["test_bench:GreedyAgent"], 4, [0], tmp_path / "b", common)
+    assert gym.spec(ENV).additional_wrappers == (), "the counting wrapper must be removed after a run"
+
+
+def test_bench_runs_on_a_gymnasium_env_from_another_module(tiny_model_dir, tmp_path):
+    common = {"model": str(tiny_model_dir), "groups": 1, "group_size": 2, "max_new_tokens": 8, "device": "cpu"}
+    entries = run_bench(["toy_env:toy/Guess-v0"], ["puct"], 4, [0], tmp_path, common, progress=False)
+    assert entries[0]["rollouts"] == 4 and entries[0]["best_score"] <= 0
+    assert write_leaderboards(tmp_path, tmp_path / "lb")
+
+
+def test_bench_refuses_an_executor_whose_steps_it_cannot_count(tmp_path):
+    with pytest.raises(ValueError, match="--executor local"):
+        run_bench([ENV], ["puct"], 4, [0], tmp_path, {"executor": "ray"})
 
 
 def test_agent_specs_parse_builtin_endpoint_and_import_path():
@@ -86,3 +124,17 @@ def test_leaderboard_of_an_empty_folder_says_what_to_do(tmp_path):
 
 def test_default_config_has_a_cpu_preset_for_the_default_env():
     assert AgentConfig().resolved_env_kwargs() == {"n": 16}
+
+
+def test_bench_command_line_takes_a_config_file_for_every_agents_knobs(tmp_path, capsys):
+    config = tmp_path / "bench.yaml"
+    config.write_text("env_kwargs: {n: 3}\ngroups: 1\ngroup_size: 1\nepsilon: 0.2\n")
+    args = ["bench", "--envs", ENV, "--agents", "test_bench:ConstantAgent", "--rollouts", "1", "--seeds", "0",
+            "--config", str(config), "--out", str(tmp_path / "runs")]  # fmt: skip
+    assert main(args) == 0
+    entry = json.loads(next((tmp_path / "runs").rglob("result.json")).read_text())
+    assert entry["env_kwargs"] == {"n": 3} and "--epsilon 0.2" in entry["command"]
+    config.write_text("epsilon: 0.2\nlearning_rate: 1\n")
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "learning_rate" in capsys.readouterr().err

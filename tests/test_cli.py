@@ -10,27 +10,77 @@ from discover_agent.cli import main
 from discover_agent.storage import read_jsonl
 
 
-def run_args(tiny_model_dir, out, *extra):
+def run_args(tiny_model_dir, out, *extra, env="discover/AC1-v0"):
     return [
-        "run", "discover/AC1-v0", "--model", str(tiny_model_dir), "--env-kwargs", '{"n": 3}', "--steps", "1",
+        "run", env, "--model", str(tiny_model_dir), "--env-kwargs", '{"n": 3}', "--steps", "1",
         "--groups", "1", "--group-size", "2", "--max-new-tokens", "40", "--device", "cpu", "--out", str(out), *extra,
     ]  # fmt: skip
 
 
-def test_run_then_resume_extends_the_same_folder(tiny_model_dir, tmp_path, capsys):
+def exit_code(args) -> int:
+    """What the shell would see: main's return value, or the code argparse exits with."""
+    try:
+        return main(args)
+    except SystemExit as exc:
+        return exc.code
+
+
+def one_error_line(capsys, command: str = "run") -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line and "it/s]" not in line]  # progress bars
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"discover {command}: error: "), lines
+    return lines[0]
+
+
+def test_run_then_resume_extends_the_same_folder_and_keeps_config_true(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(run_args(tiny_model_dir, out)) == 0
     assert "best score" in capsys.readouterr().out
     saved = json.loads((out / "config.json").read_text())
-    assert saved["config_class"] == "TTTConfig" and saved["env_kwargs"] == {"n": 3}
+    assert saved["agent"] == "ttt" and saved["config"]["env_kwargs"] == {"n": 3}
     assert main(["resume", str(out), "--steps", "2"]) == 0
     assert [r["step"] for r in read_jsonl(out / "rollouts.jsonl")] == [0, 0, 1, 1]
+    assert json.loads((out / "config.json").read_text())["config"]["steps"] == 2
+
+
+def test_run_into_a_folder_holding_a_run_is_refused_naming_resume(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_args(tiny_model_dir, out)) == 0
+    capsys.readouterr()
+    assert main(run_args(tiny_model_dir, out, "--temperature", "0.5")) == 2
+    assert f"discover resume {out}" in one_error_line(capsys)
+    assert json.loads((out / "config.json").read_text())["config"]["temperature"] == 1.0
+
+
+def test_config_file_sets_fields_and_flags_override_it(tiny_model_dir, tmp_path):
+    config = tmp_path / "ttt.yaml"
+    config.write_text("group_size: 3\ntemperature: 0.7\nlr: 0.001\n")
+    out = tmp_path / "run"
+    assert main([*run_args(tiny_model_dir, out, "--config", str(config)), "--temperature", "0.9"]) == 0
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert (saved["temperature"], saved["lr"]) == (0.9, 0.001)
+    assert saved["group_size"] == 2, "the --group-size flag of run_args overrides the file"
+
+
+def test_config_file_with_an_unknown_field_names_the_file(tiny_model_dir, tmp_path, capsys):
+    config = tmp_path / "bad.json"
+    config.write_text('{"learning_rate": 0.1}')
+    assert exit_code(run_args(tiny_model_dir, tmp_path / "x", "--config", str(config))) == 2
+    err = one_error_line(capsys)
+    assert "bad.json" in err and "learning_rate" in err
 
 
 def test_baseline_agent_is_chosen_by_flag(tiny_model_dir, tmp_path):
     out = tmp_path / "bon"
     assert main(run_args(tiny_model_dir, out, "--agent", "best-of-n")) == 0
     assert json.loads((out / "checkpoint.json").read_text())["agent"] == "best-of-n"
+
+
+def test_run_on_a_gymnasium_env_from_another_module(tiny_model_dir, tmp_path):
+    out = tmp_path / "toy"
+    args = run_args(tiny_model_dir, out, "--env-kwargs", "{}", "--agent", "puct", env="toy_env:toy/Guess-v0")
+    assert main(args) == 0
+    assert len(read_jsonl(out / "rollouts.jsonl")) == 2
 
 
 def test_envs_lists_every_registered_id(capsys):
@@ -40,38 +90,67 @@ def test_envs_lists_every_registered_id(capsys):
 
 
 def test_unknown_env_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
-    args = run_args(tiny_model_dir, tmp_path / "x")
-    args[1] = "discover/NoSuchProblem-v0"
-    assert main(args) == 2
-    assert "NoSuchProblem" in capsys.readouterr().err
+    assert main(run_args(tiny_model_dir, tmp_path / "x", env="discover/NoSuchProblem-v0")) == 2
+    assert "NoSuchProblem" in one_error_line(capsys)
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert main(run_args(tmp_path / "no-such-model", tmp_path / "x")) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "does not exist" in one_error_line(capsys)
 
 
-def test_bad_flag_value_exits_with_usage_error(tiny_model_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(run_args(tiny_model_dir, tmp_path / "x", "--steps", "many"))
-    assert exc.value.code == 2
-    assert "--steps" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--steps", "many", "--steps"),
+        ("--env-kwargs", "[1, 2]", "JSON object"),
+        ("--env-kwargs", '{"bogus": 1}', "--env-kwargs"),
+        ("--seed", "-1", "--seed"),
+        ("--max-rollouts", "-5", "--max-rollouts"),
+        ("--max-wall-s", "-1", "--max-wall-s"),
+        ("--out", "", "--out"),
+        ("--temperature", "inf", "--temperature"),
+        ("--group-size", "0", "--group-size"),
+    ],
+)
+def test_user_errors_are_one_line_naming_the_flag_with_exit_code_2(
+    tiny_model_dir, tmp_path, capsys, flag, value, message
+):
+    assert exit_code(run_args(tiny_model_dir, tmp_path / "x", flag, value)) == 2
+    assert message in one_error_line(capsys)
 
 
-def test_bad_env_kwargs_json_is_rejected(tiny_model_dir, tmp_path, capsys):
-    args = run_args(tiny_model_dir, tmp_path / "x")
-    args[args.index("--env-kwargs") + 1] = "[1, 2]"
-    with pytest.raises(SystemExit):
-        main(args)
-    assert "JSON object" in capsys.readouterr().err
+def test_an_unwritable_out_is_one_line_naming_the_folder(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert exit_code(run_args(tiny_model_dir, tmp_path / "file" / "run")) == 2
+    assert str(tmp_path / "file" / "run") in one_error_line(capsys)
+
+
+def test_an_unreachable_endpoint_is_one_line(tmp_path, capsys):
+    args = ["run", "discover/AC1-v0", "--agent", "best-of-n", "--endpoint", "http://127.0.0.1:9/v1", "--steps", "1",
+            "--groups", "1", "--group-size", "1", "--out", str(tmp_path / "x")]  # fmt: skip
+    assert exit_code(args) == 2
+    assert "127.0.0.1:9" in one_error_line(capsys)
 
 
 def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["resume", str(tmp_path)])
-    assert "config.json" in capsys.readouterr().err
+    assert exit_code(["resume", str(tmp_path)]) == 2
+    assert "config.json" in one_error_line(capsys, "resume")
 
 
-def test_nonsense_budget_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
-    assert main(run_args(tiny_model_dir, tmp_path / "x", "--group-size", "0")) == 2
-    assert "group_size must be >= 1" in capsys.readouterr().err
+def test_resume_with_a_malformed_config_names_the_file(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_args(tiny_model_dir, out)) == 0
+    capsys.readouterr()
+    (out / "config.json").write_text('{"agent": "ttt", ')
+    assert exit_code(["resume", str(out), "--steps", "2"]) == 2
+    assert "config.json is not valid JSON" in one_error_line(capsys, "resume")
+
+
+def test_resume_with_a_malformed_checkpoint_names_the_file(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_args(tiny_model_dir, out)) == 0
+    capsys.readouterr()
+    (out / "checkpoint.json").write_text("[")
+    assert exit_code(["resume", str(out), "--steps", "2"]) == 2
+    assert "checkpoint.json is not valid JSON" in one_error_line(capsys, "resume")

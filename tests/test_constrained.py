@@ -14,8 +14,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import discover_envs  # noqa: F401 - registers the env ids
-from discover_agent.constrained import JsonArrayConstraint, token_texts
-from discover_envs.problem import ConstructionSpec
+from discover_agent.config import CPU_PRESETS
+from discover_agent.constrained import JsonArrayConstraint, default_max_new_tokens, token_texts
+from discover_envs.problem import ConstructionSpec, format_numbers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import build_model, build_tokenizer
@@ -277,3 +278,150 @@ def test_parse_returns_the_list_and_refuses_other_json(tokenizer):
     assert constraint.parse("[[1, 0.5, 0]]") == [[1, 0.5, 0]]
     with pytest.raises(ValueError, match="expected a JSON array"):
         constraint.parse('{"a": 1}')
+
+
+# -- the reply budget ----------------------------------------------------------------------------------
+
+CPU_ENVS = sorted(CPU_PRESETS)
+
+
+def _sample_budget(model, tokenizer, constraint, n: int, seed: int = 0, recorder=None) -> list[list[int]]:
+    """`n` completions drawn under `constraint`'s budget: `generate` stops at EOS or at max_new_tokens."""
+    prompts = [tokenizer(f"{'give numbers ' * (1 + i % 3)}{constraint.prefix}")["input_ids"] for i in range(n)]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((n, width), tokenizer.pad_token_id)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention[i, width - len(ids) :] = 1
+    processors = LogitsProcessorList([constraint.logits_processor(width)])
+    if recorder is not None:
+        processors.append(recorder)
+    torch.manual_seed(seed)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention,
+        do_sample=True,
+        temperature=1.3,
+        max_new_tokens=constraint.max_new_tokens,
+        logits_processor=processors,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    rows = out[:, width:].tolist()
+    return [row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row for row in rows]
+
+
+def _shortest_by_search(constraint: JsonArrayConstraint) -> int:
+    """Fewest tokens to a closed array, by breadth-first search over every token (states merged by `_key`,
+    which decides what every later token does)."""
+    frontier, seen, depth = [constraint.start], set(), 0
+    while frontier:
+        depth += 1
+        following = []
+        for state in frontier:
+            for token_id in constraint.allowed_ids(state).tolist():
+                after = constraint.advance(state, token_id)
+                if after.phase == "done":
+                    return depth
+                if constraint._key(after) not in seen:
+                    seen.add(constraint._key(after))
+                    following.append(after)
+        frontier = following
+    raise AssertionError("no closed array is reachable")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SEQUENCE_01,
+        SEQUENCE_WIDE,
+        ConstructionSpec("tuples", 2, 2, 0.0, 1.0, arity=2),
+        ConstructionSpec("sequence", 2, 2, 0.1, 0.3),
+    ],
+)
+def test_min_new_tokens_is_the_shortest_array_in_tokens(tokenizer, spec):
+    budgeted = JsonArrayConstraint(tokenizer, spec, max_new_tokens=500)
+    assert budgeted.min_new_tokens == _shortest_by_search(JsonArrayConstraint(tokenizer, spec))
+
+
+def test_a_budget_below_the_shortest_array_is_refused_naming_the_minimum(tokenizer):
+    least = JsonArrayConstraint(tokenizer, TUPLES_01, max_new_tokens=500).min_new_tokens
+    with pytest.raises(ValueError, match=rf"takes {least} tokens.*raise --max-new-tokens to at least {least}$"):
+        JsonArrayConstraint(tokenizer, TUPLES_01, max_new_tokens=least - 1)
+    assert JsonArrayConstraint(tokenizer, TUPLES_01, max_new_tokens=least).start.left == least
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        JsonArrayConstraint(tokenizer, TUPLES_01, max_new_tokens=0)
+
+
+@pytest.mark.parametrize(
+    "spec", [SEQUENCE_01, SEQUENCE_WIDE, TUPLES_01, ConstructionSpec("tuples", 12, 12, 0.0, 1.0, 3)]
+)
+@pytest.mark.parametrize("extra", [0, 1, 4])
+def test_every_reply_completes_when_the_budget_is_just_above_the_minimum(model, tokenizer, spec, extra):
+    least = JsonArrayConstraint(tokenizer, spec, max_new_tokens=500).min_new_tokens
+    constraint = JsonArrayConstraint(tokenizer, spec, max_new_tokens=least + extra)
+    for completion in _sample_budget(model, tokenizer, constraint, 12, seed=extra):
+        assert len(completion) <= least + extra
+        _meets_spec(constraint.parse(tokenizer.decode(completion, skip_special_tokens=True)), spec)
+
+
+def test_budget_masks_replay_exactly_and_equal_a_token_by_token_check(model, tokenizer):
+    spec = ConstructionSpec("tuples", 6, 6, 0.0, 1.0, 3)
+    least = JsonArrayConstraint(tokenizer, spec, max_new_tokens=500).min_new_tokens
+    constraint = JsonArrayConstraint(tokenizer, spec, max_new_tokens=least + 6)
+    recorder = _MaskRecorder()
+    completions = _sample_budget(model, tokenizer, constraint, 6, seed=5, recorder=recorder)
+    fresh = JsonArrayConstraint(tokenizer, spec, max_new_tokens=least + 6)
+    for row, completion in enumerate(completions):
+        replay = fresh.token_masks(completion)
+        state = fresh.start
+        for t, token_id in enumerate(completion):
+            assert torch.equal(replay[t], recorder.steps[t][row])
+            direct = [fresh.advance(state, i) is not None for i in range(len(tokenizer))]
+            assert torch.equal(replay[t], torch.tensor(direct))
+            state = fresh.advance(state, token_id)
+
+
+def test_token_masks_refuse_a_completion_that_overruns_the_budget(tokenizer):
+    spec = ConstructionSpec("sequence", 3, 3, 0.0, 1.0)
+    least = JsonArrayConstraint(tokenizer, spec, max_new_tokens=500).min_new_tokens
+    constraint = JsonArrayConstraint(tokenizer, spec, max_new_tokens=least)
+    with pytest.raises(ValueError, match="breaks the"):
+        constraint.token_masks(_char_ids(constraint, "[0.5"))  # "[0.5,0,0]" takes more than the minimum
+
+
+@pytest.mark.parametrize("env_id", CPU_ENVS)
+def test_default_budget_lets_every_reply_of_a_random_model_parse_at_the_cpu_preset(make_tiny_policy, env_id):
+    """The defaults: budget `default_max_new_tokens(spec)`, grammar from the policy's own factory. Every reply
+    is a complete array of the right shape (geometry may still fail), and copying the start state as the
+    prompt shows it fits in the budget."""
+    env = gym.make(env_id, **CPU_PRESETS[env_id])
+    prompt, info = env.reset(seed=0)
+    spec = env.unwrapped.construction_spec
+    policy = make_tiny_policy(max_new_tokens=default_max_new_tokens(spec), batch_size=8)
+    [group] = policy.sample([prompt], n=8, constraint_spec=spec)
+    for sample in group:
+        block = sample.text[len(JsonArrayConstraint.prefix) : -len(JsonArrayConstraint.suffix)]
+        env.unwrapped.problem.check_array(json.loads(block))
+    shown = format_numbers(info["state"]["construction"], env.unwrapped.problem.shown_decimals)
+    assert shown in prompt
+    copy = policy.tokenizer(shown, add_special_tokens=False)["input_ids"]
+    policy.constraint(spec).token_masks(copy)  # the copy is allowed, within the budget
+    copied = env.unwrapped.problem.rescore({"construction": json.loads(shown)})  # and valid
+    assert copied == pytest.approx(info["state"]["score"], rel=1e-3)
+
+
+def test_format_numbers_rounds_to_at_most_the_given_decimals_without_trailing_zeros():
+    assert format_numbers([[0.5, 1.0, -0.0], [1e-7, 0.123456789, 2]], 4) == "[[0.5, 1, 0], [0, 0.1235, 2]]"
+    assert format_numbers(np.array([0.25, 1e6]), 4) == "[0.25, 1000000]"
+
+
+def test_erdos_prompt_shows_the_start_construction_at_four_decimals():
+    """Full floats took ~20 tokens a number (about half of the n = 16 prompt); the state itself stays exact."""
+    env = gym.make("discover/ErdosMinOverlap-v0", n=16)
+    prompt, info = env.reset(seed=0)
+    shown = prompt.split("Construction:\n", 1)[1].split("\n", 1)[0]
+    assert all(len(decimals) <= 4 for decimals in re.findall(r"\.([0-9]+)", shown))
+    assert np.allclose(json.loads(shown), info["state"]["construction"], rtol=0, atol=5e-5)
+    assert any(len(repr(x)) > 10 for x in info["state"]["construction"])

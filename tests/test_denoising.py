@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import anndata
 import gymnasium as gym
@@ -12,10 +13,11 @@ from gymnasium.utils.env_checker import check_env
 
 import discover_envs  # noqa: F401 - registers the ids
 from discover_envs.env import DiscoverEnv
-from discover_envs.problem import InvalidState
+from discover_envs.problem import InvalidSolution, InvalidState
 from discover_envs.problems import denoising
 from discover_envs.problems.denoising import (
     IDENTITY_CODE,
+    MAGIC_CODE,
     Denoising,
     log_normalise,
     mse,
@@ -34,17 +36,48 @@ def returning(expression: str) -> str:
     return f"import numpy as np\n\ndef denoise(counts, **kwargs):\n    return {expression}\n"
 
 
+#: Rebuilds the held-out half from scanpy's bundled counts: the documented seed first, else by aligning genes.
+REBUILD_CODE = """\
+import numpy as np
+import scanpy as sc
+
+
+def denoise(counts, **kwargs):
+    scaled = np.expm1(sc.datasets.pbmc68k_reduced().raw.X.toarray().astype(np.float64))
+    smallest = np.where(scaled > 0, scaled, np.inf).min(axis=1, keepdims=True)
+    full = np.round(scaled / smallest).astype(np.int64)
+    train = np.random.default_rng(0).binomial(full, 0.9)
+    kept = train.sum(axis=0) > 0
+    if train[:, kept].shape == counts.shape and np.array_equal(train[:, kept], counts):
+        return (full - train)[:, kept].astype(np.float64)
+    columns, k = [], 0
+    for j in range(full.shape[1]):
+        if k < counts.shape[1] and (full[:, j] >= counts[:, k]).all():
+            columns.append(j)
+            k += 1
+    return np.maximum(full[:, columns] - counts, 0).astype(np.float64)
+"""
+
+
 @pytest.fixture(scope="module")
 def env() -> DiscoverEnv:
-    """The registered env, reset once (that runs the MAGIC start state in the sandbox)."""
-    made = gym.make("discover/Denoising-v0").unwrapped
+    """The registered env on the documented split, reset once (that runs the MAGIC start state)."""
+    made = gym.make("discover/Denoising-v0", split_seed=0).unwrapped
     made.reset(seed=0)
     return made
 
 
 @pytest.fixture(scope="module")
-def identity_step(env: DiscoverEnv) -> tuple[float, dict]:
-    _, reward, _, _, info = env.step(reply(IDENTITY_CODE))
+def lenient_env() -> DiscoverEnv:
+    """The same split with the Poisson bar lowered, so that an attempt (MAGIC itself) can be valid here."""
+    made = DiscoverEnv(Denoising, split_seed=0, min_poisson_score=0.5)
+    made.reset(seed=0)
+    return made
+
+
+@pytest.fixture(scope="module")
+def magic_step(lenient_env: DiscoverEnv) -> tuple[float, dict]:
+    _, reward, _, _, info = lenient_env.step(reply(MAGIC_CODE))
     return reward, info
 
 
@@ -125,26 +158,72 @@ def test_poisson_loss_of_hand_made_matrices():
 
 def test_no_denoising_scores_zero_and_returning_the_test_half_scores_one(env):
     problem = env.problem
-    assert problem.scaled(problem.metrics(problem.train)) == (0.0, 0.0, 0.0)
-    assert problem.scaled(problem.metrics(problem.test)) == (1.0, 1.0, 1.0)
+    assert problem.scaled(problem.metrics(problem.train)) == (0.0, 0.0)
+    assert problem.scaled(problem.metrics(problem.test)) == (1.0, 1.0)
 
 
-def test_identity_baseline_scores_zero_and_the_magic_start_state_beats_it(env, identity_step):
-    reward, info = identity_step
+def test_returning_the_train_counts_fails_the_poisson_constraint(env):
+    _, reward, _, _, info = env.step(reply(IDENTITY_CODE))
+    assert not info["valid"] and reward == 0.0 == Denoising.failure_reward
+    assert "normalised Poisson score 0.0000 is below the constraint 0.97" in info["error"]
+
+
+def test_magic_start_state_is_exempt_from_the_constraint_and_says_so(env):
+    prompt, info = env.reset(seed=1)
+    start, details = info["state"], env.problem.initial_details
+    assert start["code"] == MAGIC_CODE
+    assert details["poisson_score"] < 0.97 and start["score"] == details["mse_score"] > 0.05
+    assert start["reward"] == pytest.approx(1.0 / details["mse"], rel=1e-12)
+    assert f"normalised Poisson score is {details['poisson_score']:.4f}, below the constraint 0.97" in prompt
+    assert "exempt as the given start point" in prompt
+
+
+def test_magic_sent_back_as_an_attempt_must_meet_the_constraint(env):
+    _, _, _, _, info = env.step(reply(MAGIC_CODE))
+    assert not info["valid"] and "below the constraint 0.97" in info["error"]
+
+
+def test_step_info_reports_both_metrics_and_reward_is_one_over_mse(lenient_env, magic_step):
+    reward, info = magic_step
     assert info["valid"], info["error"]
-    assert info["score"] == 0.0 and reward == 0.0
-    start = env.problem.initial_state(np.random.default_rng(0))
-    assert start["code"] == denoising.MAGIC_CODE
-    assert start["score"] > 0.3 > info["score"]
-
-
-def test_step_info_reports_both_metrics_and_a_next_state_holding_the_code(env, identity_step):
-    _, info = identity_step
-    assert (info["mse"], info["poisson"]) == env.problem.none_metrics
-    assert info["mse_score"] == 0.0 and info["poisson_score"] == 0.0
+    assert info["score"] == info["mse_score"] and info["poisson_score"] >= 0.5
+    assert reward == pytest.approx(1.0 / info["mse"], rel=1e-9)
+    assert info["mse"] < lenient_env.problem.none_metrics[0] and info["poisson"] < lenient_env.problem.none_metrics[1]
     child = info["next_state"]
-    assert child["code"] == IDENTITY_CODE and child["construction"] is None
-    assert child["parent_id"] == env.state["id"]
+    assert child["code"] == MAGIC_CODE and child["construction"] is None
+    assert child["parent_id"] == lenient_env.state["id"]
+
+
+def test_reward_is_one_over_the_mse_recovered_from_the_score(env):
+    problem = env.problem
+    none_mse = problem.none_metrics[0]
+    assert problem.reward(0.0) == pytest.approx(1.0 / none_mse, rel=1e-12)
+    assert problem.reward(0.5) == pytest.approx(2.0 / none_mse, rel=1e-12)
+    assert math.isfinite(problem.reward(1.0)) and problem.reward(1.0) > problem.reward(0.99)
+
+
+def test_split_seed_is_secret_and_fresh_per_env():
+    first, second = Denoising(), Denoising()
+    assert first.split_seed != second.split_seed
+    assert not np.array_equal(first.train[:, :50], second.train[:, :50])
+    state = make_state(score=0.0, reward=1.0, code=IDENTITY_CODE)
+    assert str(first.split_seed) not in first.prompt(state)
+
+
+def test_bundled_counts_are_hidden_from_the_code():
+    hidden = Denoising(split_seed=0).limits.hide
+    assert any(path.endswith("10x_pbmc68k_reduced.h5ad") for path in hidden)
+
+
+@pytest.mark.parametrize("split_seed", [None, 0], ids=["secret-seed", "documented-seed"])
+def test_code_that_rebuilds_the_held_out_half_from_scanpy_gets_no_score(split_seed):
+    problem = Denoising(split_seed=split_seed)
+    state = make_state(score=0.0, reward=1.0, code=IDENTITY_CODE)
+    try:
+        evaluation = problem.evaluate(reply(REBUILD_CODE), state)
+    except InvalidSolution:
+        return
+    assert evaluation.score < 0.5, evaluation.details
 
 
 @pytest.mark.parametrize(
@@ -163,13 +242,13 @@ def test_step_info_reports_both_metrics_and_a_next_state_holding_the_code(env, i
 def test_invalid_replies_get_the_failure_reward_and_a_clear_error(env, action, message):
     _, reward, terminated, _, info = env.step(action)
     assert terminated and not info["valid"]
-    assert reward == Denoising.failure_reward < Denoising.reward_floor
+    assert reward == Denoising.failure_reward == 0.0
     assert message in info["error"]
     assert info["next_state"] is None and info["score"] is None
 
 
 def test_code_running_past_its_time_limit_is_reported_as_timed_out():
-    slow = DiscoverEnv(Denoising, timeout_s=1.0)
+    slow = DiscoverEnv(Denoising, timeout_s=1.0, split_seed=0, min_poisson_score=-1.0)
     slow.reset(options={"state": make_state(score=0.0, reward=0.0, code=IDENTITY_CODE)})
     code = "import time\n\ndef denoise(counts, **kwargs):\n    time.sleep(30)\n    return counts\n"
     _, _, _, _, info = slow.step(reply(code))
@@ -177,39 +256,38 @@ def test_code_running_past_its_time_limit_is_reported_as_timed_out():
     assert info["error"].startswith("timed out")
 
 
-def test_reset_from_tampered_state_is_rejected(env, identity_step):
-    tampered = dict(identity_step[1]["next_state"], score=0.5)
+def test_reset_from_tampered_state_is_rejected(env):
+    _, info = env.reset(seed=2)
+    tampered = dict(info["state"], score=0.5)
     with pytest.raises(InvalidState, match="does not match the recomputed score"):
         env.reset(options={"state": tampered})
 
 
-def test_reset_from_a_valid_state_shows_its_code_and_score_in_the_prompt(env, identity_step):
-    prompt, info = env.reset(options={"state": identity_step[1]["next_state"]})
-    assert info["state"]["score"] == 0.0
-    assert "Score: 0.000000" in prompt
-    assert "return counts" in prompt and "def denoise(counts: np.ndarray" in prompt
+def test_reset_from_a_valid_state_shows_its_code_and_score_in_the_prompt(lenient_env, magic_step):
+    child = magic_step[1]["next_state"]
+    prompt, info = lenient_env.reset(options={"state": child})
+    assert info["state"]["score"] == child["score"]
+    assert f"Normalised MSE score: {child['score']:.6f}" in prompt
+    assert "MAGIC-style diffusion" in prompt and "def denoise(counts: np.ndarray" in prompt
 
 
-def test_rescore_reruns_the_code_in_a_fresh_problem():
-    problem = Denoising()
-    assert problem.rescore(make_state(score=0.0, reward=0.0, code=IDENTITY_CODE)) == 0.0
+def test_rescore_reruns_the_code_in_a_fresh_problem(env):
+    problem = Denoising(split_seed=0)
+    start = env.problem.initial_state(np.random.default_rng(0))
+    assert problem.rescore(start) == start["score"]
+    with pytest.raises(InvalidState, match="below the constraint"):
+        problem.rescore(make_state(score=0.0, reward=1.0, code=IDENTITY_CODE))
     broken = make_state(score=0.0, reward=0.0, code=returning("counts * -1"))
     with pytest.raises(InvalidState, match="negative value"):
         problem.rescore(broken)
 
 
 def test_a_state_with_a_construction_or_without_code_is_rejected():
-    problem = Denoising()
+    problem = Denoising(split_seed=0)
     with pytest.raises(InvalidState, match="no construction"):
         problem.rescore(make_state(score=0.0, reward=0.0, construction=[1, 2], code=IDENTITY_CODE))
     with pytest.raises(InvalidState, match="needs the code"):
         problem.rescore(make_state(score=0.0, reward=0.0))
-
-
-def test_valid_rewards_are_clipped_above_the_failure_reward():
-    problem = Denoising()
-    assert problem.reward(0.25) == 0.25
-    assert problem.reward(-50.0) == Denoising.reward_floor > Denoising.failure_reward
 
 
 def test_gymnasium_env_checker_passes(env):
@@ -231,10 +309,11 @@ def fake_counts(cells: int = 40, genes: int = 25) -> np.ndarray:
 def test_user_h5ad_counts_in_a_layer_are_split_and_scored(tmp_path):
     counts = fake_counts()
     path = write_h5ad(tmp_path / "cells.h5ad", np.log1p(counts), counts=counts)
-    problem = Denoising(adata_path=path, layer="counts")
+    problem = Denoising(adata_path=path, layer="counts", min_poisson_score=-1.0)
     assert problem.train.shape == (40, 25)
     assert np.array_equal(problem.train + problem.test, counts)
-    state = make_state(score=0.0, reward=0.0, code=IDENTITY_CODE)
+    assert os.path.realpath(path) in problem.limits.hide
+    state = make_state(score=0.0, reward=1.0, code=IDENTITY_CODE)
     assert problem.evaluate(reply(IDENTITY_CODE), state).score == 0.0
 
 

@@ -1,8 +1,11 @@
-"""The Gymnasium contract every mathematics environment keeps: make, check_env, seeding, steps, restarts."""
+"""The Gymnasium contract every environment keeps: make, check_env, seeding, steps, restarts, rendering,
+and registering a problem of one's own from outside the package."""
 
 from __future__ import annotations
 
 import json
+import warnings
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import discover_envs
-from discover_envs import InvalidState
+from discover_envs import ConstructionProblem, ConstructionSpec, InvalidState
 from discover_envs.state import content_id
 
 MATH_IDS = [
@@ -54,8 +57,86 @@ def test_make_works_with_and_without_module_prefix(env_id):
     assert isinstance(gym.make("discover_envs:" + env_id).unwrapped, discover_envs.DiscoverEnv)
 
 
-def test_gymnasium_env_checker_passes(env):
+@pytest.mark.parametrize("env_id", discover_envs.env_ids())
+def test_every_registered_env_passes_the_checker_without_a_warning(env_id):
+    """As Gymnasium's own test_all_env_api: make with the passive checker on, check_env, reset, step, render."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env = gym.make(env_id, render_mode="ansi")
+        assert any(isinstance(e, gym.wrappers.PassiveEnvChecker) for e in _wrappers(env)), "env checker is off"
+        check_env(env.unwrapped)
+        _, info = env.reset(seed=0)
+        env.step("no block here")
+        assert isinstance(env.render(), str)
+        assert {"id", "score", "reward"} <= set(info["state"])
+        env.close()
+
+
+def _wrappers(env: gym.Env) -> list[gym.Env]:
+    chain = [env]
+    while isinstance(chain[-1], gym.Wrapper):
+        chain.append(chain[-1].env)
+    return chain
+
+
+def test_an_id_cannot_be_made_with_another_problem():
+    with pytest.raises(TypeError, match=r"bound to discover_envs\.problems\.erdos"):
+        gym.make("discover/ErdosMinOverlap-v0", problem="discover_envs.problems.circle_packing:CirclePacking")
+
+
+def test_render_ansi_shows_the_current_state(env):
+    env = gym.make(env.spec.id, render_mode="ansi")
+    _, info = env.reset(seed=0)
+    assert "ansi" in env.metadata["render_modes"]
+    assert f"{info['state']['score']:.{env.unwrapped.problem.shown_digits}f}" in env.render()
+    assert env.render() in env.reset(options={"state": info["state"]})[0], "the prompt shows the same state"
+    plain = gym.make(env.spec.id)
+    plain.reset(seed=0)
+    assert plain.render() is None
+
+
+def test_metadata_tells_agents_the_direction_and_the_construction_spec(env):
+    problem = env.unwrapped.problem
+    assert env.metadata["higher_is_better"] is problem.higher_is_better
+    assert env.metadata["construction_spec"] == problem.spec
+    assert env.metadata["score_name"] == problem.figure
+
+
+class SquareSum(ConstructionProblem):
+    """A problem of one's own: n numbers in [0, 1], score the sum of their squares (higher is better)."""
+
+    title: ClassVar[str] = "Square sum"
+    higher_is_better: ClassVar[bool] = True
+    figure: ClassVar[str] = "sum of squares"
+
+    def __init__(self, n: int = 3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec = ConstructionSpec(kind="sequence", min_length=n, max_length=n, low=0.0, high=1.0)
+
+    def statement(self) -> str:
+        return f"Give {self.spec.min_length} numbers in [0, 1] with the largest sum of squares."
+
+    def validate(self, construction: Any) -> np.ndarray:
+        return self.check_array(construction)
+
+    def score(self, construction: np.ndarray) -> float:
+        return float(np.sum(construction**2))
+
+    def initial_construction(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.uniform(0, 0.5, self.spec.min_length)
+
+
+def test_a_problem_of_ones_own_is_registered_from_outside_the_package():
+    discover_envs.register("mine/SquareSum-v0", SquareSum, n=4)
+    discover_envs.register("mine/SquareSum-v0", SquareSum, n=4)  # importing twice is harmless
+    with pytest.raises(ValueError, match="already registered"):
+        discover_envs.register("mine/SquareSum-v0", "discover_envs.problems.erdos:ErdosMinOverlap")
+    env = gym.make("mine/SquareSum-v0")
     check_env(env.unwrapped)
+    env.reset(seed=0)
+    *_, step_info = env.step(json_reply([1.0, 1.0, 1.0, 0.5]))
+    assert step_info["valid"] and step_info["score"] == pytest.approx(3.25)
+    assert env.metadata["construction_spec"].min_length == 4
 
 
 def test_reset_with_the_same_seed_gives_the_same_prompt(env):
@@ -107,7 +188,7 @@ def test_reset_from_next_state_shows_that_state(env):
     assert info["state"]["id"] == child["id"]
     problem = env.unwrapped.problem
     assert f"{child['score']:.{problem.shown_digits}f}" in obs
-    assert json.dumps(child["construction"]) in obs
+    assert problem.render_state(child) in obs
 
 
 def test_reset_from_tampered_score_is_rejected(env):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import discover_envs  # noqa: F401 - registers the ids
+from discover_envs.problem import format_numbers
 from discover_envs.problems.autocorrelation import (
     FirstAutocorrelation,
     SecondAutocorrelation,
@@ -130,6 +131,13 @@ def test_erdos_rejects_a_function_above_one_after_rescaling():
     assert "after rescaling to integral 1" in info["error"]
 
 
+def test_erdos_error_shows_enough_digits_to_see_a_tiny_violation():
+    _, info = step("discover/ErdosMinOverlap-v0", [1.0, 0.0, 0.0, 1.0 - 2**-50])
+    assert not info["valid"]
+    reached = float(info["error"].split("h reaches ")[1].split(" ")[0])
+    assert reached > 1.0, info["error"]
+
+
 def test_erdos_rescales_subnormal_values_without_overflow():
     reward, info = step("discover/ErdosMinOverlap-v0", [5e-324, 0.0])
     assert info["valid"], info["error"]
@@ -237,10 +245,11 @@ def test_random_start_packings_are_valid(n):
         "discover/CirclePacking32-v0",
     ],
 )
-def test_start_state_is_shown_in_full_in_the_prompt(env_id):
-    obs, info = gym.make(env_id).reset(seed=0)
+def test_start_state_is_shown_in_full_at_the_prompt_precision(env_id):
+    env = gym.make(env_id)
+    obs, info = env.reset(seed=0)
     assert "too long to show" not in obs
-    assert json.dumps(info["state"]["construction"]) in obs
+    assert format_numbers(info["state"]["construction"], env.unwrapped.problem.shown_decimals) in obs
 
 
 @pytest.mark.parametrize("kwargs", [{"n": 0}, {"n": 200_001}, {"start_n": 0}, {"n": 10, "start_n": 20}])

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -105,6 +109,44 @@ def test_constraint_spec_asks_for_a_json_schema_and_fences_the_reply(serve):
     }  # fmt: skip
 
 
+def llama_cpp_like(contents: list[str]):
+    """Answers like llama-cpp-python's server: HTTP 500 for the json_schema form, the schema form otherwise."""
+
+    def respond(req):
+        if req.get("response_format", {}).get("type") == "json_schema":
+            return 500, '{"error": {"message": "Internal Server Error"}}'
+        return completion(contents[: req["n"]])
+
+    return respond
+
+
+def test_server_refusing_json_schema_gets_the_json_object_form_from_then_on(serve, caplog):
+    server = serve(llama_cpp_like(["[0.5, 0.25]", "[0.1, 0.2]"]))
+    spec = ConstructionSpec("sequence", 2, 2, 0.0, 1.0)
+    policy = OpenAIPolicy(server.url, "m")
+    groups = policy.sample(["p", "q"], n=2, constraint_spec=spec)
+    assert [[extract_block(s.text, ("json",))[1] for s in g] for g in groups] == [["[0.5, 0.25]\n", "[0.1, 0.2]\n"]] * 2
+    forms = [r["response_format"]["type"] for r in server.requests]
+    assert forms == ["json_schema", "json_object", "json_object"]  # learnt once, then kept
+    assert server.requests[1]["response_format"]["schema"] == construction_schema(spec)
+    assert policy.schema_form == "json_object" and "refused response_format json_schema" in caplog.text
+
+
+def test_replies_that_break_the_bounds_are_counted_and_reported(serve, caplog):
+    server = serve(llama_cpp_like(["[9, 0.5]", "[0.5, 0.5]", "not json", "[0.5]"]))
+    policy = OpenAIPolicy(server.url, "m")
+    policy.sample(["p"], n=4, constraint_spec=ConstructionSpec("sequence", 2, 2, 0.0, 1.0))
+    assert (policy.constrained, policy.out_of_spec) == (4, 3)
+    assert "3 of 4 replies" in caplog.text and "json_object" in caplog.text
+
+
+def test_a_real_server_error_is_not_mistaken_for_a_refused_form(serve):
+    server = serve(lambda req: (503, '{"error": "busy"}'))
+    with pytest.raises(EndpointError, match="HTTP 503") as info:
+        OpenAIPolicy(server.url, "m").sample(["p"], n=1, constraint_spec=ConstructionSpec("sequence", 1, 2, 0, 1))
+    assert info.value.status == 503 and len(server.requests) == 1
+
+
 def test_http_error_names_status_and_body(serve):
     server = serve(lambda req: (500, '{"error": "model overloaded"}'))
     with pytest.raises(EndpointError, match=r"HTTP 500.*model overloaded"):
@@ -133,3 +175,41 @@ def test_base_url_must_be_http():
     with pytest.raises(ValueError, match="http://"):
         OpenAIPolicy("localhost:8000", "m")
     assert OpenAIPolicy("http://h:1/v1/chat/completions/", "m").url == "http://h:1/v1/chat/completions"
+
+
+@pytest.mark.slow
+def test_llama_cpp_server_on_the_embedded_gguf_gets_the_schema_form_it_takes(tmp_path):
+    """Against a real llama-cpp-python server (not built here by default: `pip install 'llama-cpp-python[server]'`
+    compiles for ~8 min): it refuses json_schema, takes json_object + schema, enforces the length; replies
+    whose numbers break the bounds are counted, not hidden."""
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed")
+    from discover_agent.model import embedded_gguf_path
+
+    try:
+        gguf = embedded_gguf_path()
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        pytest.skip(str(exc))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smol",
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        policy = OpenAIPolicy(f"http://127.0.0.1:{port}/v1", "smol", max_tokens=300, seed=0, timeout_s=300)
+        for _ in range(1200):  # the model loads in a few seconds; allow a minute on a busy machine
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).close()
+                break
+            except OSError:
+                assert server.poll() is None, "llama_cpp.server exited early"
+                time.sleep(0.05)
+        spec = ConstructionSpec("sequence", 16, 16, 0.0, 1.0)
+        [group] = policy.sample(["Write 16 numbers in [0, 1] as a JSON array."], n=4, constraint_spec=spec)
+        assert policy.schema_form == "json_object" and policy.constrained == 4
+        replies = [json.loads(extract_block(s.text, ("json",))[1]) for s in group]
+        assert [len(r) for r in replies] == [16] * 4, "the json_object form enforces the array length"
+        assert policy.out_of_spec == sum(any(not 0 <= x <= 1 for x in r) for r in replies)  # bounds: counted
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

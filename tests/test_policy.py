@@ -205,3 +205,104 @@ def test_embedded_model_is_converted_once_and_then_loads_offline(embedded_model_
     [[sample]] = policy.sample(["What is 2 + 2?"], n=1)
     assert "<|im_start|>assistant\n" in policy.tokenizer.decode(sample.prompt_ids)
     assert 1 <= len(sample.completion_ids) <= 8 and isinstance(sample.text, str)
+
+
+def perturbed(make_tiny_policy, **config) -> LocalPolicy:
+    """A policy whose adapter is not the identity, so the prompt's keys and values depend on it."""
+    policy = make_tiny_policy(**config)
+    perturb_adapter(policy, seed=1)
+    return policy
+
+
+@pytest.mark.parametrize("config", [{}, {"temperature": 0.7, "batch_size": 3}, {"batch_size": 8}])
+def test_shared_prefix_sampling_draws_the_same_replies_and_logprobs_as_the_unshared_path(make_tiny_policy, config):
+    shared = perturbed(make_tiny_policy, share_prefix=True, **config).sample(PROMPTS, n=3)
+    unshared = perturbed(make_tiny_policy, share_prefix=False, **config).sample(PROMPTS, n=3)
+    assert [[s.completion_ids for s in g] for g in shared] == [[s.completion_ids for s in g] for g in unshared]
+    for a, b in zip([s for g in shared for s in g], [s for g in unshared for s in g], strict=True):
+        assert a.prompt_ids == b.prompt_ids and a.text == b.text
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_sampling_under_a_constraint_matches_the_unshared_path(make_tiny_policy):
+    replies = []
+    for share in (True, False):
+        policy = perturbed(make_tiny_policy, share_prefix=share, temperature=0.8, batch_size=4)
+        constraint = CountingConstraint(policy.tokenizer, [policy.tokenizer.convert_tokens_to_ids(c) for c in "0123"])
+        policy._constraint_factory = lambda tokenizer, spec, constraint=constraint: constraint
+        groups = policy.sample(PROMPTS, n=3, constraint_spec=SPEC)
+        replies.append([(s.completion_ids, s.logprobs) for g in groups for s in g])
+    assert [ids for ids, _ in replies[0]] == [ids for ids, _ in replies[1]]
+    torch.testing.assert_close(
+        torch.tensor([lp for _, lps in replies[0] for lp in lps]),
+        torch.tensor([lp for _, lps in replies[1] for lp in lps]),
+        atol=1e-5, rtol=0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prefix_training_logprobs_and_gradients_equal_the_unshared_path(make_tiny_policy, temperature):
+    policy = perturbed(make_tiny_policy, temperature=temperature, max_new_tokens=8)
+    samples = [s for group in policy.sample(PROMPTS, n=3) for s in group]
+    samples = samples[::2] + samples[1::2]  # groups interleaved: rows must come back in the caller's order
+    weights = torch.randn((len(samples), 8), generator=torch.Generator().manual_seed(3))
+    results = []
+    for share in (True, False):
+        policy.config.share_prefix = share
+        policy.model.zero_grad()
+        logp, mask = policy.token_logprobs(samples)
+        (logp * weights[:, : logp.shape[1]]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+        results.append((logp.detach(), mask, grads))
+    (shared, shared_mask, shared_grads), (ref, ref_mask, ref_grads) = results
+    assert torch.equal(shared_mask, ref_mask)
+    torch.testing.assert_close(shared, ref, atol=1e-5, rtol=0)
+    assert shared_grads.keys() == ref_grads.keys() and len(ref_grads) > 0
+    assert any(g.abs().max() > 1e-3 for g in ref_grads.values())
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_a_model_folders_generation_config_does_not_change_the_sampled_distribution(
+    tiny_tokenizer, tmp_path, one_thread, share_prefix
+):
+    model = build_model(tiny_tokenizer)
+    model.generation_config.update(do_sample=True, top_k=2, top_p=0.3, temperature=0.5)
+    model.save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
+    config = PolicyConfig(device="cpu", max_new_tokens=12, batch_size=4, share_prefix=share_prefix)
+    policy = LocalPolicy.from_pretrained(str(tmp_path / "tiny"), config)
+    samples = [s for group in policy.sample(PROMPTS, n=4) for s in group]
+    for s in samples:
+        torch.testing.assert_close(torch.tensor(s.logprobs), recompute_logprobs(policy, s), atol=1e-5, rtol=0)
+    # Under the folder's top_k=2 every drawn token would rank first or second; from the full distribution
+    # of this near-uniform tiny model most do not.
+    ranks = []
+    for s in samples:
+        with torch.no_grad():
+            ids = torch.tensor([s.prompt_ids + s.completion_ids])
+            logits = policy.model(input_ids=ids).logits[0, len(s.prompt_ids) - 1 : -1]
+        drawn = logits.gather(-1, torch.tensor(s.completion_ids)[:, None])
+        ranks.extend((logits > drawn).sum(-1).tolist())
+    assert max(ranks) >= 2
+
+
+def test_progress_hook_counts_the_rows_still_generating(make_tiny_policy):
+    policy = make_tiny_policy(max_new_tokens=6)
+    calls: list[int] = []
+    policy.progress = calls.append
+    groups = policy.sample(PROMPTS, n=2)
+    assert sum(calls) == sum(len(s.completion_ids) for g in groups for s in g)
+    assert 1 <= len(calls) <= 6  # one call per decode step of the single batch of 4 rows
+
+
+def test_sample_groups_batches_groups_of_different_sizes_in_one_call(make_tiny_policy):
+    policy = make_tiny_policy(batch_size=8)
+    groups = policy.sample_groups(PROMPTS, [3, 1])
+    assert [len(g) for g in groups] == [3, 1]
+    for prompt, group in zip(PROMPTS, groups, strict=True):
+        assert all(s.prompt_ids == policy.tokenizer(policy.chat_prompt(prompt))["input_ids"] for s in group)
+    assert make_tiny_policy(seed=3).sample_groups(PROMPTS, [2, 2]) == make_tiny_policy(seed=3).sample(PROMPTS, n=2)
+    with pytest.raises(ValueError, match="one group size"):
+        policy.sample_groups(PROMPTS, [2])

@@ -1,10 +1,13 @@
 import json
 import math
 
+import gymnasium as gym
 import numpy as np
 import pytest
 
 import discover_agent.storage as storage
+import discover_envs  # noqa: F401 - registers the env ids
+from discover_agent.config import CPU_PRESETS
 from discover_agent.sampler import FixedSampler, GreedySampler, PUCTSampler
 from discover_envs.state import make_state
 
@@ -256,3 +259,71 @@ def test_fixed_always_starts_from_the_initial_states_and_keeps_the_best():
     assert ids(s.select(3)) == ["R1", "R2", "R1"]
     assert ids([s.best()]) == ["B"]
     assert ids(s.states()) == ["R1", "R2", "B"]
+
+
+def test_expansion_counting_is_the_default_and_ignores_group_size(tree):
+    root, a, b, _ = tree
+    small, large = PUCTSampler([root]), PUCTSampler([root])
+    small.update(root, [a, b], rollouts=2)
+    large.update(root, [a, b], rollouts=16)
+    assert small.state_dict()["visits"] == large.state_dict()["visits"] == {root["id"]: 1}
+    assert small.scores() == large.scores()
+
+
+def test_rollout_counting_weighs_each_reply_failed_ones_included(tree):
+    root, a, b, c = tree
+    s = PUCTSampler([root], c=1.0, visits="rollouts")
+    s.update(root, [a, b], rollouts=8)
+    s.update(b, [c], rollouts=4)
+    # T = 12, n(R) = 12, n(B) = 4; scale = 3 - 1 = 2; priors 4:3:2:1 (B, C, A, R) -> /10
+    expected = {
+        root["id"]: 3 + 2 * 0.1 * math.sqrt(13) / 13,
+        a["id"]: 1 + 2 * 0.2 * math.sqrt(13),
+        b["id"]: 2 + 2 * 0.4 * math.sqrt(13) / 5,
+        c["id"]: 2 + 2 * 0.3 * math.sqrt(13),
+    }
+    assert s.scores() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="counts replies: pass update"):
+        s.update(root, [])
+    with pytest.raises(ValueError, match="rollouts must be an int >= the 2 valid children"):
+        s.update(root, [a, b], rollouts=1)
+    with pytest.raises(ValueError, match="visits must be one of"):
+        PUCTSampler([root], visits="groups")
+
+
+def test_load_refuses_a_buffer_counted_in_other_visits(tree):
+    root = tree[0]
+    saved = PUCTSampler([root], visits="rollouts").state_dict()
+    with pytest.raises(ValueError, match="saved with config"):
+        PUCTSampler([root]).load_state_dict(saved)
+
+
+@pytest.mark.parametrize(
+    ("make", "k", "expected"),
+    [
+        (lambda init: PUCTSampler(init[:1]), 3, [("I0", 12)]),  # one start state: one group of 3 x 4
+        (lambda init: PUCTSampler(init), 3, [("I2", 4), ("I1", 4), ("I0", 4)]),  # distinct picks stay apart
+        (lambda init: PUCTSampler(init[:2]), 3, [("I1", 8), ("I0", 4)]),  # the repeat joins its first pick
+        (lambda init: FixedSampler(init[:2]), 4, [("I0", 8), ("I1", 8)]),
+        (lambda init: GreedySampler(init, epsilon=0.0), 2, [("I2", 8)]),
+    ],
+)
+def test_select_groups_merges_picks_of_one_state_into_one_larger_group(make, k, expected):
+    initial = [st(f"I{i}", 0.1 * i) for i in range(3)]
+    groups = make(initial).select_groups(k, group_size=4)
+    assert [(state["construction"][0], size) for state, size in groups] == expected
+    with pytest.raises(ValueError, match="group_size"):
+        make(initial).select_groups(k, group_size=0)
+
+
+@pytest.mark.parametrize("env_id", sorted(CPU_PRESETS))
+def test_reset_seeds_give_distinct_initial_states_that_start_distinct_groups(env_id):
+    """The paper initialises the buffer with random states: a construction env's `reset(seed=...)` gives
+    a different valid start state per seed, and a buffer seeded with k of them starts k separate groups."""
+    env = gym.make(env_id, **CPU_PRESETS[env_id])
+    states = [env.reset(seed=seed)[1]["state"] for seed in range(4)]
+    assert len({s["id"] for s in states}) == 4
+    assert env.reset(seed=2)[1]["state"]["id"] == states[2]["id"]
+    groups = PUCTSampler(states, seed=0).select_groups(4, group_size=2)
+    assert sorted(state["id"] for state, _ in groups) == sorted(s["id"] for s in states)
+    assert [size for _, size in groups] == [2, 2, 2, 2]

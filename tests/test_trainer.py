@@ -104,3 +104,103 @@ def test_bad_batches_are_rejected_with_the_reason(tiny_policy):
         trainer.step([endpoint], [1.0])
     with pytest.raises(ValueError, match="kl_coef"):
         TrainerConfig(kl_coef=-1.0)
+
+
+def test_defaults_follow_the_released_code():
+    config = TrainerConfig()
+    assert config.betas == (0.9, 0.95) and config.max_grad_norm is None
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        TrainerConfig(max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="betas"):
+        TrainerConfig(betas=(0.9, 1.0))
+
+
+def test_adam_uses_the_configured_betas_and_clips_only_when_asked(make_tiny_policy):
+    policy = make_tiny_policy()
+    samples = [s for group in policy.sample(PROMPTS, n=2) for s in group]
+    trainer = Trainer(policy, TrainerConfig(lr=1e-2, betas=(0.8, 0.9)))
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.8, 0.9)
+    unclipped = trainer.step(samples, [1.0, -1.0, 0.5, -0.5])["grad_norm"]
+    clipped = Trainer(make_tiny_policy(), TrainerConfig(lr=1e-2, max_grad_norm=unclipped / 10))
+    assert clipped.step(samples, [1.0, -1.0, 0.5, -0.5])["grad_norm"] == pytest.approx(unclipped, rel=1e-5)
+
+
+def test_zero_kl_coef_skips_the_base_model_pass(make_tiny_policy, monkeypatch):
+    policy = make_tiny_policy()
+    samples = [s for group in policy.sample(PROMPTS, n=2) for s in group]
+    passes = []
+    original = policy.token_logprobs
+    monkeypatch.setattr(policy, "token_logprobs", lambda chunk: passes.append(len(chunk)) or original(chunk))
+    metrics = Trainer(policy, TrainerConfig(kl_coef=0.0)).step(samples, [1.0, -1.0, 0.5, -0.5])
+    assert passes == [4] and "kl" not in metrics
+    passes.clear()
+    assert "kl" in Trainer(policy, TrainerConfig(kl_coef=0.1)).step(samples, [1.0, -1.0, 0.5, -0.5])
+    assert passes == [4, 4]  # base model, then the differentiable pass
+
+
+def test_groups_with_equal_rewards_are_left_out_and_all_constant_means_no_update(make_tiny_policy):
+    samples = [s for group in make_tiny_policy().sample(PROMPTS, n=2) for s in group]
+    with_constant, alone = make_tiny_policy(), make_tiny_policy()
+    Trainer(with_constant, TrainerConfig(lr=1e-2)).step(samples, [1.0, -1.0, 0.0, 0.0], group_sizes=[2, 2])
+    Trainer(alone, TrainerConfig(lr=1e-2)).step(samples[:2], [1.0, -1.0])
+    for name, value in lora_state(alone).items():
+        torch.testing.assert_close(lora_state(with_constant)[name], value, atol=1e-6, rtol=0)
+    untouched = make_tiny_policy()
+    before = lora_state(untouched)
+    metrics = Trainer(untouched, TrainerConfig(lr=1e-2)).step(samples, [0.0] * 4, group_sizes=[2, 2])
+    assert metrics["skipped"] == 1.0
+    assert all(torch.equal(value, before[name]) for name, value in lora_state(untouched).items())
+    with pytest.raises(ValueError, match="group_sizes"):
+        Trainer(untouched).step(samples, [1.0, -1.0, 0.0, 0.0], group_sizes=[2, 1])
+
+
+def test_state_dict_resumes_the_optimiser_exactly(make_tiny_policy, tmp_path):
+    samples = [s for group in make_tiny_policy().sample(PROMPTS, n=2) for s in group]
+    first, second = [1.0, -1.0, 0.5, -0.5], [-0.5, 1.0, -1.0, 0.5]
+    uninterrupted = make_tiny_policy()
+    trainer = Trainer(uninterrupted, TrainerConfig(lr=1e-2))
+    trainer.step(samples, first)
+    saved_state = trainer.state_dict()
+    uninterrupted.save_adapter(tmp_path / "adapter")
+    trainer.step(samples, second)
+    resumed = make_tiny_policy()
+    resumed.load_adapter(tmp_path / "adapter")
+    restored = Trainer(resumed, TrainerConfig(lr=1e-2))
+    restored.load_state_dict(saved_state)
+    restored.step(samples, second)
+    fresh = make_tiny_policy()
+    fresh.load_adapter(tmp_path / "adapter")
+    Trainer(fresh, TrainerConfig(lr=1e-2)).step(samples, second)  # without the moments: a different step
+    for name, value in lora_state(uninterrupted).items():
+        torch.testing.assert_close(lora_state(resumed)[name], value, atol=1e-7, rtol=0)
+    assert any(not torch.allclose(lora_state(fresh)[n], v, atol=1e-6) for n, v in lora_state(uninterrupted).items())
+
+
+def test_ttt_learns_a_learnable_task_while_an_untrained_policy_stays_flat(make_tiny_policy):
+    """Reward: the fraction of reply tokens among the ids 4..103 (about a quarter of the vocabulary)."""
+    from discover_agent.objective import entropic_advantages
+
+    def mean_rewards(train: bool, steps: int = 12) -> list[float]:
+        policy = make_tiny_policy(max_new_tokens=6, batch_size=16, lora_lm_head=True)
+        trainer = Trainer(policy, TrainerConfig(lr=5e-2))
+        means = []
+        for _ in range(steps):
+            groups = policy.sample(["short", "numbers"], n=8)
+            rewards = [[sum(4 <= t < 104 for t in s.completion_ids) / len(s.completion_ids) for s in g] for g in groups]
+            means.append(sum(map(sum, rewards)) / 16)
+            if train:
+                advantages = [a for r in rewards for a in entropic_advantages(r)[0]]
+                trainer.step([s for g in groups for s in g], advantages, group_sizes=[8, 8])
+        return means
+
+    trained, untrained = mean_rewards(train=True), mean_rewards(train=False)
+    assert trained[0] == untrained[0]  # same seed, same first step
+    assert sum(trained[-3:]) / 3 > trained[0] + 0.4
+    assert max(untrained[-3:]) < untrained[0] + 0.15
+
+
+def test_kl_coefficient_is_per_task_where_the_paper_sets_one():
+    from discover_agent.trainer import DEFAULT_KL_COEF, default_kl_coef
+
+    assert default_kl_coef("discover/AHC039-v0") == 0.01
+    assert default_kl_coef("discover/ErdosMinOverlap-v0") == DEFAULT_KL_COEF == TrainerConfig().kl_coef

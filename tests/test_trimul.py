@@ -1,9 +1,16 @@
-"""TriMul env: the reference against a slow loop, the harness's verdicts (speed, wrong output, caching, threads,
-forgery, timeout) and the Gymnasium contract. Each sandbox run costs a torch import (~3 s), so runs are few."""
+"""TriMul env: GPUMode's interface (reference, inputs, the official template), the parent-held clock against
+forged reports, the verdicts (wrong output, caching, cores, timeout), restarts and the Gymnasium contract.
+Each evaluation starts two sandboxed workers that import torch (~3 s each), so evaluations are few; no test
+asserts a speed (that is for the benchmarks)."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -13,7 +20,34 @@ from gymnasium.utils.env_checker import check_env
 
 import discover_envs  # noqa: F401 - registers the ids
 from discover_envs.problem import InvalidSolution, InvalidState
-from discover_envs.problems.trimul import BASELINE_CODE, CPU_SHAPES, TriMul, make_inputs, reference_trimul
+from discover_envs.problems import trimul
+from discover_envs.problems.trimul import (
+    BASELINE_CODE,
+    CPU_SHAPES,
+    CUDA_SHAPES,
+    TASK_MODULE,
+    TriMul,
+    Worker,
+    check_output,
+    make_inputs,
+    reference_trimul,
+)
+
+DATA = Path(__file__).parent / "data" / "trimul"
+TEMPLATE_CODE = (DATA / "gpumode_template.py").read_text()
+FORGER_CODE = (DATA / "forger.py").read_text()
+WEIGHT_SHAPES = {
+    "norm.weight": ("dim",),
+    "norm.bias": ("dim",),
+    "left_proj.weight": ("hidden_dim", "dim"),
+    "right_proj.weight": ("hidden_dim", "dim"),
+    "left_gate.weight": ("hidden_dim", "dim"),
+    "right_gate.weight": ("hidden_dim", "dim"),
+    "out_gate.weight": ("hidden_dim", "dim"),
+    "to_out_norm.weight": ("hidden_dim",),
+    "to_out_norm.bias": ("hidden_dim",),
+    "to_out.weight": ("dim", "hidden_dim"),
+}
 
 FAST_CODE = '''
 import torch
@@ -24,22 +58,21 @@ def custom_kernel(data):
     """One fused projection per batch straight into channel-major layout, then one bmm for the product."""
     x, mask, w, cfg = data
     b, n, _, c = x.shape
-    h = w["left_proj"].shape[0]
-    x = F.layer_norm(x, (c,), w["norm_in.weight"], w["norm_in.bias"]).reshape(b, n * n, c)
-    weight = torch.cat([w["left_proj"], w["right_proj"], w["left_gate"], w["right_gate"]])
+    h = cfg["hidden_dim"]
+    x = F.layer_norm(x, (c,), w["norm.weight"], w["norm.bias"]).reshape(b, n * n, c)
+    names = ("left_proj", "right_proj", "left_gate", "right_gate")
+    weight = torch.cat([w[f"{name}.weight"] for name in names])
     p = torch.stack([weight @ xb.t() for xb in x]).view(b, 2, 2, h, n * n)
-    ab = p[:, 0] * torch.sigmoid(p[:, 1])
-    if cfg["masked"]:
-        ab *= mask.view(b, 1, 1, n * n)
+    ab = p[:, 0] * torch.sigmoid(p[:, 1]) * mask.view(b, 1, 1, n * n).to(x.dtype)
     z = torch.bmm(ab[:, 0].reshape(b * h, n, n), ab[:, 1].reshape(b * h, n, n).transpose(1, 2))
     z = z.view(b, h, n, n).permute(0, 2, 3, 1)
-    gate = torch.sigmoid(F.linear(x, w["out_gate"])).view(b, n, n, h)
-    z = F.layer_norm(z, (h,), w["norm_out.weight"], w["norm_out.bias"]).mul_(gate)
-    return F.linear(z, w["out_proj"])
+    gate = torch.sigmoid(F.linear(x, w["out_gate.weight"])).view(b, n, n, h)
+    z = F.layer_norm(z, (h,), w["to_out_norm.weight"], w["to_out_norm.bias"]).mul_(gate)
+    return F.linear(z, w["to_out.weight"])
 '''
 
 #: Incoming edges (sum over the first index) instead of outgoing: a plausible, wrong, kernel.
-INCOMING_CODE = BASELINE_CODE.replace('"bikh,bjkh->bijh"', '"bkih,bkjh->bijh"')
+INCOMING_CODE = BASELINE_CODE.replace('"... i k d, ... j k d -> ... i j d"', '"... k i d, ... k j d -> ... i j d"')
 
 CACHING_CODE = (
     BASELINE_CODE
@@ -54,28 +87,10 @@ def custom_kernel(data):
 """
 )
 
-THREADS_CODE = (
-    BASELINE_CODE
-    + """
-import threading
-import time
-
-
-def custom_kernel(data):
-    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
-    return reference_trimul(data)
-"""
-)
-
-FORGED_CODE = """
-import json, os
-report = {"nonce": "guess", "shapes": [{"candidate_us": 1.0, "reference_us": 1e6, "max_error": 0.0}] * 3}
-with open("result.json", "w") as fh:
-    json.dump({"ok": True, "kind": "json", "value": json.dumps(report)}, fh)
-os._exit(0)
-"""
-
 SLEEP_CODE = "import time\n\ndef custom_kernel(data):\n    time.sleep(1000)\n"
+
+#: Few repetitions: the tests check verdicts, not speed.
+QUICK = {"warmup": 1, "reps": 2}
 
 
 def reply(code: str) -> str:
@@ -88,7 +103,7 @@ def slow_trimul(data) -> np.ndarray:
     x, mask = x.double().numpy(), mask.double().numpy()
     w = {k: v.double().numpy() for k, v in w.items()}
     batch, n, _, c = x.shape
-    h = w["left_proj"].shape[0]
+    h = w["left_proj.weight"].shape[0]
 
     def layer_norm(v, gain, bias):
         centred = v - v.mean()
@@ -101,10 +116,10 @@ def slow_trimul(data) -> np.ndarray:
     for b in range(batch):
         for i in range(n):
             for j in range(n):
-                v = layer_norm(x[b, i, j], w["norm_in.weight"], w["norm_in.bias"])
-                left[b, i, j] = mask[b, i, j] * (w["left_proj"] @ v) * sigmoid(w["left_gate"] @ v)
-                right[b, i, j] = mask[b, i, j] * (w["right_proj"] @ v) * sigmoid(w["right_gate"] @ v)
-                gate[b, i, j] = sigmoid(w["out_gate"] @ v)
+                v = layer_norm(x[b, i, j], w["norm.weight"], w["norm.bias"])
+                left[b, i, j] = mask[b, i, j] * (w["left_proj.weight"] @ v) * sigmoid(w["left_gate.weight"] @ v)
+                right[b, i, j] = mask[b, i, j] * (w["right_proj.weight"] @ v) * sigmoid(w["right_gate.weight"] @ v)
+                gate[b, i, j] = sigmoid(w["out_gate.weight"] @ v)
     out = np.zeros((batch, n, n, c))
     for b in range(batch):
         for i in range(n):
@@ -112,77 +127,197 @@ def slow_trimul(data) -> np.ndarray:
                 z = np.zeros(h)
                 for k in range(n):
                     z += left[b, i, k] * right[b, j, k]
-                z = layer_norm(z, w["norm_out.weight"], w["norm_out.bias"]) * gate[b, i, j]
-                out[b, i, j] = w["out_proj"] @ z
+                z = layer_norm(z, w["to_out_norm.weight"], w["to_out_norm.bias"]) * gate[b, i, j]
+                out[b, i, j] = w["to_out.weight"] @ z
     return out
 
 
+def small(**spec) -> dict:
+    return {"seqlen": 6, "bs": 2, "dim": 8, "hidden_dim": 4, "nomask": False, "distribution": "normal", **spec}
+
+
 @pytest.mark.parametrize(
-    "spec",
-    [
-        {"batch": 2, "seq_len": 6, "dim": 8, "hidden_dim": 4, "masked": True, "distribution": "normal"},
-        {"batch": 1, "seq_len": 7, "dim": 4, "hidden_dim": 6, "masked": False, "distribution": "cauchy"},
-    ],
+    "spec", [small(), small(seqlen=7, bs=1, dim=4, hidden_dim=6, nomask=True, distribution="cauchy")]
 )
 def test_reference_matches_slow_loop_implementation(spec):
     data = make_inputs(spec, 3, "cpu")
     np.testing.assert_allclose(reference_trimul(data).double().numpy(), slow_trimul(data), rtol=1e-4, atol=1e-5)
 
 
+def test_reference_is_the_gpumode_template_module(tmp_path, monkeypatch):
+    (tmp_path / "task.py").write_text(TASK_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = importlib.util.spec_from_file_location("gpumode_template", DATA / "gpumode_template.py")
+    template = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(template)
+    data = make_inputs(CPU_SHAPES[0], 7, "cpu")
+    torch.testing.assert_close(template.custom_kernel(data), reference_trimul(data), rtol=1e-6, atol=1e-6)
+
+
+def test_inputs_follow_gpumode_names_shapes_and_distributions():
+    spec = small(seqlen=64, dim=16, hidden_dim=8)
+    x, mask, weights, config = make_inputs(spec, 1, "cpu")
+    assert config == {"dim": 16, "hidden_dim": 8}
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        k: tuple(config[d] for d in dims) for k, dims in WEIGHT_SHAPES.items()
+    }
+    assert x.dtype == torch.float32 and x.shape == (2, 64, 64, 16)
+    assert not mask.is_floating_point() and set(mask.unique().tolist()) == {0, 1}
+    assert 0.4 < mask.float().mean() < 0.6
+    assert torch.equal(make_inputs(dict(spec, nomask=True), 1, "cpu")[1], torch.ones(2, 64, 64))
+    cauchy = make_inputs(dict(spec, distribution="cauchy"), 1, "cpu")[0]
+    assert 1.8 < cauchy.abs().median() < 2.2  # median |x| of Cauchy(0, 2) is 2
+    assert 0.6 < x.abs().median() < 0.75  # of N(0, 1): 0.674
+
+
 def test_inputs_are_reproducible_per_seed_and_fresh_across_seeds():
-    spec = CPU_SHAPES[0]
-    first, again, other = (make_inputs(spec, seed, "cpu") for seed in (1, 1, 2))
-    assert torch.equal(first[0], again[0]) and torch.equal(first[2]["out_proj"], again[2]["out_proj"])
+    first, again, other = (make_inputs(CPU_SHAPES[0], seed, "cpu") for seed in (1, 1, 2))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[2]["to_out.weight"], again[2]["to_out.weight"])
     assert not torch.equal(first[0], other[0])
-    assert set(first[1].unique().tolist()) == {0.0, 1.0}
 
 
-def test_faster_candidate_scores_above_one():
-    problem = TriMul()
-    evaluation = problem.evaluate(reply(FAST_CODE), {})
-    assert evaluation.reward > 1.0, evaluation.details
-    assert evaluation.details["speedup"] > 1.0
+def test_official_shapes_are_gpumodes_ranked_benchmarks():
+    assert len(CUDA_SHAPES) == 7
+    assert {(s["seqlen"], s["bs"], s["dim"]) for s in CUDA_SHAPES} == {
+        (256, 2, 128), (768, 1, 128), (256, 2, 384), (512, 1, 128), (1024, 1, 128), (768, 1, 384), (1024, 1, 384)
+    }  # fmt: skip
+    assert all(s["hidden_dim"] == 128 for s in CUDA_SHAPES)
+
+
+def test_check_output_names_the_worst_element():
+    expected = np.zeros((1, 2, 2, 3))
+    out = expected.astype(np.float32).copy()
+    out[0, 1, 0, 2] = 0.5
+    why, worst = check_output(out, expected, 2e-2, 2e-2)
+    assert "(0, 1, 0, 2)" in why and worst == 0.5
+    assert check_output(out * 0, expected, 2e-2, 2e-2) == (None, 0.0)
+
+
+def test_unmodified_gpumode_template_is_valid():
+    evaluation = TriMul(**QUICK).evaluate(reply(TEMPLATE_CODE), {})
+    assert evaluation.details["max_error"] < 1e-5
+    assert evaluation.score > 0 and evaluation.reward > 0
+
+
+def test_faster_candidate_is_valid():
+    evaluation = TriMul(**QUICK).evaluate(reply(FAST_CODE), {})
     assert evaluation.details["max_error"] < 1e-3
     assert evaluation.code.strip() == FAST_CODE.strip()
+    assert evaluation.reward == evaluation.details["speedup"] > 0
+
+
+@pytest.mark.parametrize("into_sockets", [True, False], ids=["and-into-sockets", "files-only"])
+def test_candidate_that_hunts_secrets_and_writes_its_own_report_gets_no_forged_score(into_sockets):
+    code = FORGER_CODE.replace("FORGE_SOCKETS = True", f"FORGE_SOCKETS = {into_sockets}")
+    try:
+        evaluation = TriMul(**QUICK).evaluate(reply(code), {})
+    except InvalidSolution as exc:
+        assert into_sockets, f"the quiet forger computes the right output, yet: {exc}"
+        return
+    # Its report claims 0.001 us; a real call (socket round trip, inputs, kernel) takes far more than 1 us.
+    assert not into_sockets
+    assert evaluation.score > 1.0 and all(t > 1.0 for t in evaluation.details["shape_us"])
 
 
 def test_wrong_candidate_is_rejected_with_its_worst_error():
     with pytest.raises(InvalidSolution, match=r"wrong output on shape 0 .*max \|out - ref\| = [0-9.]+; at index"):
-        TriMul(reference_us=1.0).evaluate(reply(INCOMING_CODE), {})
+        TriMul(reference_us=1.0, **QUICK).evaluate(reply(INCOMING_CODE), {})
 
 
 def test_candidate_that_caches_its_first_output_is_rejected():
     with pytest.raises(InvalidSolution, match=r"wrong output on shape 0 .*repetition 1"):
-        TriMul(reference_us=1.0).evaluate(reply(CACHING_CODE), {})
+        TriMul(reference_us=1.0, **QUICK).evaluate(reply(CACHING_CODE), {})
 
 
-def test_candidate_that_starts_threads_is_rejected():
-    with pytest.raises(InvalidSolution, match="threads"):
-        TriMul(reference_us=1.0).evaluate(reply(THREADS_CODE), {})
+def test_candidate_using_more_than_one_core_is_rejected(monkeypatch):
+    """The decision, given CPU time from the kernel that exceeds the wall time (the clock itself is below)."""
+    monkeypatch.setattr(Worker, "_cpu_s", lambda self: 0.0 if self.is_reference else time.perf_counter() * 100)
+    with pytest.raises(InvalidSolution, match="more than one core"):
+        TriMul(reference_us=1.0, **QUICK).evaluate(reply(BASELINE_CODE), {})
 
 
-def test_result_forged_by_the_candidate_is_rejected():
-    with pytest.raises(InvalidSolution, match="nonce"):
-        TriMul(reference_us=1.0).evaluate(reply(FORGED_CODE), {})
+def test_worker_cpu_clock_reads_another_process():
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        worker = object.__new__(Worker)
+        worker.pid = child.pid
+        deadline = time.monotonic() + 20
+        while worker._cpu_s() < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 0.3 <= worker._cpu_s() < 1.0
+    finally:
+        child.kill()
+        child.wait()
+
+
+TICKER_CODE = """
+import subprocess
+import sys
+
+# A helper left running by the code: it counts in a file of the run folder (replaced whole), 100 times a second.
+loop = (
+    "import os, time\\nn = 0\\nwhile True:\\n    n += 1\\n    open('t', 'w').write(str(n))\\n"
+    "    os.replace('t', 'ticks')\\n    time.sleep(0.01)"
+)
+subprocess.Popen([sys.executable, "-c", loop], start_new_session=True)
+
+
+def custom_kernel(data):
+    return None
+"""
+
+
+def test_candidate_sandbox_is_stopped_while_the_reference_is_timed():
+    problem = TriMul(reference_us=1.0, **QUICK)
+    config = {"device": "cpu", "shapes": problem.shapes, "visible_devices": None}
+    worker = Worker(TICKER_CODE, config, problem.limits)
+    ticks = Path(worker.work) / "ticks"
+
+    def count() -> int:
+        time.sleep(0.3)
+        return int(ticks.read_text())
+
+    try:
+        worker.connect(time.monotonic() + 60)
+        deadline = time.monotonic() + 20
+        while not ticks.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert count() < count()
+        with worker.frozen():
+            stopped = count()
+            assert count() == stopped
+        assert count() > stopped
+    finally:
+        worker.close()
 
 
 def test_candidate_that_runs_too_long_times_out():
     with pytest.raises(InvalidSolution, match=r"^timed out"):
-        TriMul(reference_us=1.0, timeout_s=5).evaluate(reply(SLEEP_CODE), {})
+        TriMul(reference_us=1.0, timeout_s=8, **QUICK).evaluate(reply(SLEEP_CODE), {})
 
 
-def test_code_without_custom_kernel_is_invalid():
-    with pytest.raises(InvalidSolution, match="does not define a function `custom_kernel`"):
-        TriMul(reference_us=1.0).evaluate(reply("x = 1"), {})
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("x = 1", "does not define a function `custom_kernel`"),
+        ("import not_a_module", "the code failed to load: ModuleNotFoundError"),
+        ("def custom_kernel(data):\n    return data[1]", "custom_kernel returned a torch.int64 tensor"),
+    ],
+)
+def test_broken_code_is_invalid_with_a_clear_message(code, message):
+    with pytest.raises(InvalidSolution, match=message):
+        TriMul(reference_us=1.0, **QUICK).evaluate(reply(code), {})
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"device": "tpu"}, "device must be"),
-        ({"shapes": [{"batch": 1}]}, "shape must be a dict with keys"),
-        ({"shapes": [dict(CPU_SHAPES[0], seq_len=0)]}, "seq_len must be a positive int"),
+        ({"shapes": [{"bs": 1}]}, "shape must be a dict with keys"),
+        ({"shapes": [dict(CPU_SHAPES[0], seqlen=0)]}, "seqlen must be a positive int"),
         ({"shapes": [dict(CPU_SHAPES[0], distribution="uniform")]}, "distribution must be one of"),
+        ({"shapes": [dict(CPU_SHAPES[0], nomask=1)]}, "nomask must be True or False"),
         ({"reps": 0}, "reps >= 1"),
         ({"reference_us": -1.0}, "reference_us must be a positive time"),
     ],
@@ -192,16 +327,14 @@ def test_bad_arguments_are_refused_by_name(kwargs, message):
         TriMul(**kwargs)
 
 
-def test_reward_of_an_unmeasured_score_needs_a_calibration():
-    with pytest.raises(RuntimeError, match="uncalibrated"):
-        TriMul().reward(100.0)
+def test_reward_of_an_unmeasured_score_uses_the_calibration():
     assert TriMul(reference_us=300.0).reward(100.0) == 3.0
 
 
 @pytest.fixture(scope="module")
 def env():
     """One env for the contract tests: its start state (the baseline) is measured once and reused."""
-    env = gym.make("discover/TriMul-v0", device="cpu")
+    env = gym.make("discover/TriMul-v0", device="cpu", **QUICK)
     env.reset(seed=0)
     return env
 
@@ -215,19 +348,34 @@ def test_prompt_shows_start_code_and_score(env):
     state = info["state"]
     assert state["code"] == BASELINE_CODE and state["construction"] is None
     assert "def custom_kernel(data):" in prompt and f"{state['score']:.1f} us" in prompt
+    assert "from task import input_t, output_t" in prompt and '"to_out_norm.weight"' in prompt
     assert state["reward"] == env.unwrapped.problem.reward(state["score"]) > 0
 
 
-def test_step_gives_a_restartable_state(env):
+@pytest.fixture(scope="module")
+def fast_child(env):
     env.reset(seed=2)
     _, reward, terminated, truncated, info = env.step(reply(FAST_CODE))
-    assert info["valid"] and info["error"] is None and terminated and not truncated
-    child = info["next_state"]
+    assert info["valid"] and info["error"] is None and terminated and not truncated, info["error"]
+    return reward, info["next_state"]
+
+
+def test_step_gives_a_restartable_state(env, fast_child):
+    reward, child = fast_child
     assert child["code"].strip() == FAST_CODE.strip() and child["construction"] is None
-    assert reward == child["reward"] == info["speedup"] > 0 and info["score"] == child["score"]
+    assert reward == child["reward"] > 0
     prompt, restarted = env.reset(options={"state": child})
     assert restarted["state"]["score"] == child["score"] and restarted["state"]["reward"] == reward
     assert "fused projection" in prompt
+
+
+def test_state_restores_in_a_fresh_env_instance_of_the_same_process(fast_child):
+    _, child = fast_child
+    fresh = gym.make("discover/TriMul-v0", device="cpu", **QUICK)
+    prompt, info = fresh.reset(options={"state": child})
+    assert info["state"]["score"] == child["score"]
+    assert math.isfinite(info["state"]["reward"]) and info["state"]["reward"] > 0
+    assert fresh.unwrapped.problem.reference_us is not None and "fused projection" in prompt
 
 
 def test_reset_from_tampered_state_is_rejected(env):
@@ -239,7 +387,7 @@ def test_reset_from_tampered_state_is_rejected(env):
 
 def test_state_from_another_instance_is_remeasured(env):
     _, info = env.reset(seed=4)
-    other = TriMul()
+    other = TriMul(**QUICK)
     remeasured = other.rescore(info["state"])
     assert remeasured > 0 and remeasured != info["state"]["score"]
     assert other.rescore(dict(info["state"], score=remeasured)) == remeasured
@@ -254,10 +402,14 @@ def test_invalid_step_reports_the_error_and_failure_reward(env):
     assert "no fenced ```python block" in info["error"]
 
 
+def test_worker_program_is_built_from_this_module():
+    source = trimul.worker_source()
+    compile(source, trimul.WORKER_FILE, "exec")
+    assert "def serve(" in source and "def make_inputs(" in source and "reference_trimul" not in source
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_faster_candidate_is_valid_on_cuda():
-    problem = TriMul(device="cuda")
-    evaluation = problem.evaluate(reply(FAST_CODE), {})
+def test_gpumode_template_is_valid_on_cuda_official_shapes():
+    evaluation = TriMul(device="cuda", **QUICK).evaluate(reply(TEMPLATE_CODE), {})
     assert evaluation.details["max_error"] < 2e-2 and evaluation.score > 0
-    assert problem.limits.isolation == "none"

@@ -1,39 +1,35 @@
 """AtCoder Heuristic Contest 039, "purse seine": enclose mackerels and avoid sardines with one orthogonal polygon.
 
-The generator, the exact integer scorer and the program runner live here together because they share the
-contest's constants; the scorer is numpy-vectorised over all 10,000 fish (see the benchmark).
+The generator, the output parser and the exact integer scorer live here together because they share the
+contest's constants; the scorer is numpy-vectorised over all 10,000 fish (see the benchmark). Running programs
+per case, the time rule and official input folders are shared with the other contests (`contest.py`).
 """
 
 from __future__ import annotations
 
-import copy
-import shutil
-import sys
-import tempfile
-from dataclasses import replace
-from functools import lru_cache
 from typing import Any, ClassVar
 
 import numpy as np
 
-from discover_envs.problem import Evaluation, InvalidSolution, InvalidState, Problem, extract_block
-from discover_envs.sandbox import ProcessResult, SandboxLimits, run_program
-from discover_envs.state import make_state
+from discover_envs.problem import InvalidSolution
+from discover_envs.problems.contest import ContestProblem
 
 N_FISH = 5000
 COORD_MAX = 100_000
 MAX_VERTICES = 1000
 MAX_PERIMETER = 400_000
-#: Input distribution (per species): rand(lo, hi) clusters, each with a centre drawn uniformly from
-#: [CENTRE_RANGE]^2 and its own normal spread rand(SPREAD); a fish picks a cluster uniformly, is rounded to
-#: the grid and redrawn when off the grid or on an occupied point. These constants are our reconstruction of
-#: the contest's generator (see the class docstring) and are kept together so they can be checked in one look.
-CLUSTERS = (1, 25)
-CENTRE_RANGE = (0, COORD_MAX)
+#: Input generation, per species, as the statement gives it: rand(10, 25) clusters, each with a weight
+#: rand_double(0, 1), a centre drawn uniformly from [20000, 80000]^2 and a normal spread rand(1000, 5000); a
+#: fish picks a cluster with probability proportional to its weight, is rounded to the grid and redrawn (cluster
+#: included) when off the grid or on a point already taken by either species.
+CLUSTERS = (10, 25)
+CENTRE_RANGE = (20_000, 80_000)
 SPREAD = (1000, 5000)
-#: Output cap per test case; a polygon takes at most ~14 kB, so anything near this is a runaway program.
-OUTPUT_MB = 16
-_LANGUAGES = {"python": "python", "py": "python", "cpp": "cpp", "c++": "cpp"}
+#: Output cap per test case (a polygon takes at most ~14 kB): room for hundreds of printed polygons, while
+#: parsing stays within a small multiple of it in memory.
+OUTPUT_MB = 8
+#: Longest integer token read; an i64 needs at most 20 characters ("-9223372036854775808").
+MAX_TOKEN = 20
 
 
 def generate_case(seed: int) -> np.ndarray:
@@ -43,12 +39,15 @@ def generate_case(seed: int) -> np.ndarray:
     species = []
     for _ in range(2):
         k = int(rng.integers(CLUSTERS[0], CLUSTERS[1] + 1))
+        weights = rng.random(k)
         centres = rng.integers(CENTRE_RANGE[0], CENTRE_RANGE[1] + 1, size=(k, 2))
         spreads = rng.integers(SPREAD[0], SPREAD[1] + 1, size=k)
         points = np.empty((0, 2), dtype=np.int64)
         while len(points) < N_FISH:
+            # A batch of independent draws kept in order, first occurrences only: the same points, in the same
+            # order, as drawing one at a time and redrawing on a rejection.
             need = N_FISH - len(points)
-            cluster = rng.integers(0, k, size=need + need // 4 + 16)
+            cluster = rng.choice(k, size=need + need // 4 + 16, p=weights / weights.sum())
             draw = np.rint(rng.normal(centres[cluster], spreads[cluster, None])).astype(np.int64)
             draw = draw[((draw >= 0) & (draw <= COORD_MAX)).all(axis=1)]
             keys = draw[:, 0] * (COORD_MAX + 1) + draw[:, 1]
@@ -61,44 +60,127 @@ def generate_case(seed: int) -> np.ndarray:
     return np.vstack(species)
 
 
-@lru_cache(maxsize=256)
-def _case(seed: int) -> tuple[np.ndarray, bytes]:
-    points = generate_case(seed)
-    points.setflags(write=False)
-    text = f"{N_FISH}\n" + "\n".join(f"{x} {y}" for x, y in points.tolist()) + "\n"
-    return points, text.encode()
+def format_case(points: np.ndarray) -> bytes:
+    """A case in the official input format: N, then the 2N points "x y", mackerels first."""
+    return (f"{len(points) // 2}\n" + "\n".join(f"{x} {y}" for x, y in points.tolist()) + "\n").encode()
 
 
-def parse_output(text: str) -> np.ndarray:
-    """The last polygon of a program's output ("m" then m "x y" lines, possibly several times), as (m, 2)."""
-    tokens = text.split()
-    if not tokens:
-        raise InvalidSolution("the program printed nothing")
+def read_case(data: bytes) -> np.ndarray:
+    """An official input file as a (2N, 2) int64 array; raise `ValueError` naming what is malformed."""
     try:
-        numbers = np.asarray(tokens).astype(np.int64)
-    except (ValueError, OverflowError):
-        bad = next(t for t in tokens if not _is_int64(t))
-        raise InvalidSolution(f"the output has a token that is not a 64-bit integer: {bad[:30]!r}") from None
-    start, last = 0, None
+        numbers = parse_integers(data)
+    except InvalidSolution as exc:
+        raise ValueError(str(exc)) from None
+    if len(numbers) == 0 or not 1 <= numbers[0] <= N_FISH:
+        raise ValueError(f"the first number must be N in 1..{N_FISH}")
+    n = int(numbers[0])
+    if len(numbers) != 1 + 4 * n:
+        raise ValueError(f"N = {n} needs {4 * n} coordinates after it, found {len(numbers) - 1}")
+    points = numbers[1:].reshape(2 * n, 2)
+    if ((points < 0) | (points > COORD_MAX)).any():
+        raise ValueError(f"a point lies outside [0, {COORD_MAX}]^2")
+    if len(np.unique(points[:, 0] * (COORD_MAX + 1) + points[:, 1])) != 2 * n:
+        raise ValueError("two fish share a point")
+    return points
+
+
+_SPACE, _DIGIT, _SIGN, _OTHER = 0, 1, 2, 3
+_KIND = np.full(256, _OTHER, dtype=np.uint8)
+_KIND[list(b" \t\n\v\f\r")] = _SPACE
+_KIND[ord("0") : ord("9") + 1] = _DIGIT
+_KIND[[ord("+"), ord("-")]] = _SIGN
+#: Bytes tokenised at a time; bounds the temporary arrays whatever the output holds.
+_CHUNK = 1 << 20
+
+
+def parse_integers(data: bytes) -> np.ndarray:
+    """The whitespace-separated ASCII integers of `data` as int64, read as the official tester reads them: an
+    optional sign, then digits ("007" and "+5" are fine; "1_000", "1.0" or non-ASCII digits are not). A token
+    longer than MAX_TOKEN characters is refused. Raise `InvalidSolution` naming the first bad token.
+
+    Vectorised over bytes in chunks cut at whitespace, so besides the values (8 bytes a token) the parser holds
+    a few bytes per input byte of one chunk: a huge output or a huge token cannot blow up the parent.
+    """
+    parts, begin = [], 0
+    while begin < len(data):
+        end = min(len(data), begin + _CHUNK)
+        if end < len(data):
+            cut = max(data.rfind(bytes([c]), begin, end) for c in b" \t\n\v\f\r")
+            end = cut + 1 if cut >= begin else end  # no whitespace: the chunk is one token, too long anyway
+        parts.append(_parse_chunk(data, begin, end))
+        begin = end
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _parse_chunk(data: bytes, begin: int, end: int) -> np.ndarray:
+    buf = np.frombuffer(data, dtype=np.uint8, count=end - begin, offset=begin)
+    kind = _KIND[buf]
+    word = kind != _SPACE
+    edges = np.flatnonzero(np.diff(word, prepend=False, append=False))
+    starts, ends = edges[0::2], edges[1::2]
+    # A sign is allowed only as a token's first byte and must be followed by a digit.
+    sign = kind == _SIGN
+    sign &= np.append(kind[1:] != _DIGIT, True) | np.append(False, word[:-1])
+    bad = sign | (kind == _OTHER)
+    first = int(np.argmax(bad)) if bad.any() else len(buf)
+    long = np.flatnonzero(ends - starts > MAX_TOKEN)
+    if long.size:
+        first = min(first, int(starts[long[0]]))
+    if first < len(buf):
+        t = int(np.searchsorted(starts, first, side="right")) - 1
+        _refuse(data, begin + int(starts[t]), begin + int(ends[t]))
+    values = np.zeros(len(starts), dtype=np.int64)
+    scale = 1
+    for k in range(1, min(18, int((ends - starts).max(initial=0))) + 1):
+        pos = np.maximum(ends - k, 0)
+        digit = buf[pos].astype(np.int64) - ord("0")
+        values += np.where((ends - k >= starts) & (digit >= 0), digit, 0) * scale
+        scale *= 10
+    values[buf[starts] == ord("-")] *= -1
+    for t in np.flatnonzero(ends - starts > 18).tolist():
+        value = int(data[begin + starts[t] : begin + ends[t]])
+        if not -(2**63) <= value < 2**63:
+            _refuse(data, begin + int(starts[t]), begin + int(ends[t]))
+        values[t] = value
+    return values
+
+
+def _refuse(data: bytes, start: int, end: int) -> None:
+    token = data[start : min(end, start + 30)].decode("ascii", errors="replace")
+    more = f"... ({end - start} characters)" if end - start > 30 else ""
+    raise InvalidSolution(f"the output has a token that is not a 64-bit integer: {token!r}{more}")
+
+
+def parse_output(data: bytes) -> np.ndarray | None:
+    """The last polygon of a program's output ("m" then m "x y" lines, possibly several times) as (m, 2), or
+    None for an empty output. Like the official tester, every polygon printed is read with its vertex count in
+    4..MAX_VERTICES and every coordinate in [0, COORD_MAX]; the first violation is reported."""
+    numbers = parse_integers(data)
+    heads, start, broken = [], 0, None
     while start < len(numbers):
-        m = int(numbers[start])
+        m = numbers.item(start)
         if not 4 <= m <= MAX_VERTICES:
-            raise InvalidSolution(f"a polygon announces {m} vertices; allowed 4..{MAX_VERTICES}")
-        end = start + 1 + 2 * m
-        if end > len(numbers):
-            raise InvalidSolution(
-                f"the output ends inside a polygon: it announces {m} vertices but only "
-                f"{len(numbers) - start - 1} numbers follow"
-            )
-        last, start = numbers[start + 1 : end].reshape(m, 2), end
-    return last
-
-
-def _is_int64(token: str) -> bool:
-    try:
-        return abs(int(token)) < 2**63
-    except ValueError:
-        return False
+            broken = (start, f"polygon {len(heads)} announces {m} vertices; allowed 4..{MAX_VERTICES}")
+            break
+        heads.append(start)
+        start += 1 + 2 * m
+        if start > len(numbers):
+            got = len(numbers) - heads[-1] - 1
+            broken = (len(numbers), f"the output ends inside polygon {len(heads) - 1}: it announces {m} vertices "
+                      f"but only {got} numbers follow")  # fmt: skip
+    coords = np.ones(len(numbers), dtype=bool)
+    coords[heads] = False
+    outside = np.flatnonzero(coords & ((numbers < 0) | (numbers > COORD_MAX)))
+    if outside.size and (broken is None or outside[0] < broken[0]):
+        i = int(outside[0])
+        p = int(np.searchsorted(heads, i, side="right")) - 1
+        v, axis = divmod(i - heads[p] - 1, 2)
+        raise InvalidSolution(f"polygon {p}: vertex {v} has {'xy'[axis]} = {numbers[i]}, outside [0, {COORD_MAX}]")
+    if broken is not None:
+        raise InvalidSolution(broken[1])
+    if not heads:
+        return None
+    return numbers[heads[-1] + 1 :].reshape(-1, 2)
 
 
 def check_polygon(poly: np.ndarray) -> None:
@@ -250,7 +332,7 @@ main()
 """
 
 
-class PurseSeine(Problem):
+class PurseSeine(ContestProblem):
     """AHC039 "purse seine": write a program that nets many mackerels and few sardines with one polygon.
 
     ## Description
@@ -259,78 +341,95 @@ class PurseSeine(Problem):
     with 4..1000 distinct integer vertices in [0, 100000]^2, perimeter at most 400000, and no self-contact.
     Fish inside or on the boundary are caught; a test case scores max(0, a - b + 1) for a mackerels and
     b sardines caught (at most 5001). The statement in the prompt is our own wording of AtCoder Heuristic
-    Contest 039. Test case `s` is `generate_case(s)`: per species rand(1, 25) clusters with uniform centres
-    and a normal spread of rand(1000, 5000) per cluster. This is our reconstruction of the contest's
-    generator (the official one was not available offline): until its constants are checked against the
-    official generator, absolute scores are comparable with the contest's only roughly.
+    Contest 039. Test case `s` is `generate_case(s)`, drawn as the statement says: per species rand(10, 25)
+    clusters with weights rand_double(0, 1), centres in [20000, 80000]^2 and a normal spread rand(1000, 5000),
+    each fish from a cluster picked in proportion to its weight (numpy's RNG, not the contest's: the same
+    distribution, other cases). On seeds 0..49, 92.5% of fish lie in [20000, 80000]^2 and 0.035% within 10000
+    of the border; the ten official inputs in tests/data/ahc039 give 91.2% and 0.055%.
+
+    ## Official inputs
+    `cases_dir=PATH` scores on the `*.txt` files of a folder in the official input format (N, then 2N lines
+    "x y", mackerels first), sorted by name, the first `n_cases` of them (all by default). With the contest's
+    public inputs the case scores are comparable with the contest's, case by case; `info["case_errors"]` then
+    names the file.
 
     ## Action
     A reply whose last ```python (or ```py) block is a complete program, run as `python -I main.py` with
-    numpy available, or whose last ```cpp (or ```c++) block is a C++20 program compiled with
+    numpy available, or whose last ```cpp (or ```c++) block is a C++20 program compiled once with
     `g++ -std=gnu++20 -O2` (refused clearly when g++ is missing). It reads one test case from stdin and
     prints "m", then m lines "x y"; if it prints several polygons, the last one counts (contest rule).
 
     ## Verifier/metric
-    The program runs in the sandbox once per test case, seeds first_seed .. first_seed + n_cases - 1, with
-    `timeout_s` of wall clock per case (the contest's 2 s; interpreter start-up counts). Each output is parsed
-    and checked exactly in integer arithmetic (vertex count, range, distinct vertices, axis-parallel edges,
-    perimeter, simplicity: non-adjacent edges share no point and adjacent edges only their common vertex),
-    then fish are counted with an exact point-in-orthogonal-polygon test that includes the boundary. The
-    score is the mean case score; a case that times out, crashes or prints an invalid polygon scores 0 and
-    its error is listed in `info["case_errors"]` (aligned with `info["case_scores"]` and `info["case_wall_s"]`).
+    The program runs in the sandbox once per test case under the contest harness's time rule: `timeout_s`
+    (2.0) seconds of CPU time and `timeout_s + wall_tolerance_s` (2.5) of wall clock, the sandbox's own start
+    not counted (`contest.TimeRule`). The output is read as the official tester reads it: whitespace-separated
+    ASCII integers (tokens of at most 20 characters), every printed polygon with 4..1000 vertices and every
+    coordinate in [0, 100000] (an out-of-range polygon followed by a valid one still scores 0), an empty
+    output scores 1. The last polygon is checked exactly in integers (distinct vertices, axis-parallel
+    edges, perimeter, simplicity: non-adjacent edges share no point and adjacent edges only their common
+    vertex), then fish are counted with an exact point-in-orthogonal-polygon test that includes the boundary.
+    Output is capped at 8 MB a case and parsed in bounded memory, so no output can exhaust the parent.
+    The score is the mean case score; a case that times out, crashes or breaks a rule scores 0 and its error
+    is in `info["case_errors"]` (aligned with `info["case_scores"]`, `info["case_wall_s"]`, `info["case_cpu_s"]`).
 
     ## Reward and failure reward
     reward = mean case score (higher is better). A reply with no code block, a C++ compile error, or a program
     that fails on every case is invalid and gets `failure_reward` = -1, below every valid reward (>= 0).
 
     ## States and rescoring
-    A state's construction is {"language", "seeds", "polygons"}, the polygon printed for each case (null for
-    a failed case), and its code is the program. Because programs are timed and may be randomised, `rescore`
-    does not rerun the code: it re-checks the stored polygons against the regenerated cases, which is exact,
-    so the stored score must match to `score_rtol` (1e-12); a state scored on other seeds is refused. The
-    start state is the module's BASELINE program (best rectangle of whole cells of a 50 x 50 grid), run once
-    per problem object without the time limit (trusted code), so it does not depend on machine load.
+    A state's construction is {"language", "cases", "polygons"}: the case seeds (or file names), and the
+    polygon judged for each case ([] for an empty output, null for a failed case); its code is the program.
+    Because programs are timed and may be randomised, `rescore` does not rerun the code: it re-checks the
+    stored polygons against the cases, which is exact, so the stored score must match to `score_rtol` (1e-12);
+    a state scored on other cases is refused. The start state is BASELINE (best rectangle of whole cells of a
+    50 x 50 grid), run once per problem object without the time limit (trusted code), so it does not depend
+    on machine load: mean 1752.8 on seeds 0..9 and 2134.3 on the ten official inputs (tests/data/ahc039).
 
     ## Published figures (total over the contest's 150 cases, i.e. about 3780 per case)
-    Best human in the contest: 566,997; TTT-Discover: 567,062 (arXiv 2601.16175). Our seeds are not the
-    contest's test set, so compare per-case means with n_cases=150 only as an indication.
+    Best human in the contest: 566,997; TTT-Discover: 567,062 (arXiv 2601.16175). Comparable per case with
+    `cases_dir` pointing at the contest's 150 public inputs.
 
     ## Arguments
-    n_cases: test cases per evaluation (default 10 for speed; use 150 for a final evaluation).
-    first_seed: seed of the first case (default 0; pick another range for held-out evaluation).
-    timeout_s: wall clock per case (default 2.0). memory_mb: address-space limit (default 1024, the contest's).
-    compile_timeout_s: wall clock for g++ (default 60).
+    n_cases: test cases per evaluation (default 10 generated cases; with cases_dir, all files of the folder).
+    first_seed: seed of the first generated case (default 0; pick another range for held-out evaluation).
+    cases_dir: folder of official input files to score on instead of generated cases.
+    timeout_s: CPU seconds per case (default 2.0). wall_tolerance_s: extra wall clock allowed (default 0.5).
+    memory_mb: address-space limit (default 1024, the contest's). compile_timeout_s: wall clock for g++ (60).
 
     ## Version history
-    v0: first release.
+    v0: first release; the generator now follows the statement, the time rule is the harness's (CPU time),
+    the output rules are the official tester's, and `cases_dir` reads official inputs.
     """
 
     title: ClassVar[str] = "AtCoder Heuristic Contest 039: purse seine fishing"
-    higher_is_better: ClassVar[bool] = True
-    failure_reward: ClassVar[float] = -1.0
+    output_key: ClassVar[str] = "polygons"
+    output_mb: ClassVar[int] = OUTPUT_MB
+    baseline: ClassVar[str] = BASELINE
+    score_note: ClassVar[str] = f"best possible per case: {N_FISH + 1}"
 
-    def __init__(
-        self,
-        *,
-        n_cases: int = 10,
-        first_seed: int = 0,
-        timeout_s: float = 2.0,
-        memory_mb: int = 1024,
-        compile_timeout_s: float = 60.0,
-    ) -> None:
-        super().__init__(timeout_s=timeout_s, memory_mb=memory_mb)
-        if not 1 <= n_cases <= 10_000:
-            raise ValueError(f"n_cases must be in 1..10000, got {n_cases!r}")
-        if first_seed < 0:
-            raise ValueError(f"first_seed must be >= 0, got {first_seed!r}")
-        if not compile_timeout_s > 0:
-            raise ValueError(f"compile_timeout_s must be positive, got {compile_timeout_s!r}")
-        self.seeds = list(range(first_seed, first_seed + n_cases))
-        self.limits = SandboxLimits(timeout_s=float(timeout_s), memory_mb=int(memory_mb), file_mb=OUTPUT_MB)
-        self.compile_limits = SandboxLimits(
-            timeout_s=float(compile_timeout_s), memory_mb=max(2048, int(memory_mb)), file_mb=256
-        )
-        self._start: dict[str, Any] | None = None
+    @classmethod
+    def generate_input(cls, seed: int) -> bytes:
+        return format_case(generate_case(seed))
+
+    @classmethod
+    def parse_input(cls, data: bytes) -> np.ndarray:
+        points = read_case(data)
+        points.setflags(write=False)
+        return points
+
+    def judge(self, stdout: bytes, case: np.ndarray) -> tuple[Any, int]:
+        poly = parse_output(stdout)
+        if poly is None:
+            return [], 1
+        check_polygon(poly)
+        return poly.tolist(), case_score(poly, case)
+
+    def rejudge(self, stored: Any, case: np.ndarray) -> int:
+        if stored == []:
+            return 1
+        poly = _as_polygon(stored)
+        check_polygon(poly)
+        return case_score(poly, case)
 
     def statement(self) -> str:
         return (
@@ -347,133 +446,10 @@ class PurseSeine(Problem):
             "  common vertex (no touching, crossing or doubling back). Either orientation is fine.\n\n"
             'Input (stdin): a line with N, then 2N lines "x y": mackerels 0..N-1, then sardines.\n'
             'Output (stdout): a line with m, then m lines "x y" with the vertices in order around the\n'
-            "polygon. If several polygons are printed, the last one counts.\n\n"
-            f"Your program is run on {len(self.seeds)} test cases, each with a limit of {self.limits.timeout_s:g} s "
-            "of wall clock\n(interpreter start-up included); the reward is the mean case score. A case that "
-            "crashes, runs\nout of time or prints an invalid polygon scores 0.\n\n"
-            "## How to answer\n"
-            "Write one complete program in a ```python block (run as `python main.py`, numpy available) or a\n"
-            "```cpp block (C++20, compiled with g++ -O2). The last such block counts."
+            "polygon. If several polygons are printed, the last one counts, but every one must have 4 to\n"
+            f"{MAX_VERTICES} vertices with coordinates in range. An empty output scores 1.\n\n"
+            f"{self.time_rule_text()}"
         )
-
-    def initial_state(self, rng: np.random.Generator) -> dict[str, Any]:
-        """The BASELINE program's state; it does not depend on `rng`, so it is computed once and reused. Being
-        our own code it runs without the contest's time limit, so a busy machine cannot change the start."""
-        if self._start is None:
-            relaxed = replace(self.limits, timeout_s=max(60.0, self.limits.timeout_s))
-            result = self._score_program("python", BASELINE, relaxed)
-            self._start = make_state(
-                score=result.score, reward=result.reward, construction=result.construction, code=result.code
-            )
-        return copy.deepcopy(self._start)
-
-    def evaluate(self, reply: str, state: dict[str, Any]) -> Evaluation:
-        block = extract_block(reply, tuple(_LANGUAGES))
-        if block is None:
-            raise InvalidSolution("the reply has no fenced ```python or ```cpp block")
-        tag, code = block
-        return self._score_program(_LANGUAGES[tag], code, self.limits)
-
-    def _score_program(self, language: str, code: str, limits: SandboxLimits) -> Evaluation:
-        polygons, scores, errors, walls = [], [], [], []
-        for seed, (stdout, wall, error) in zip(self.seeds, self._run_cases(language, code, limits), strict=True):
-            poly, score = None, 0
-            if error is None:
-                try:
-                    poly = parse_output(stdout)
-                    check_polygon(poly)
-                    score = case_score(poly, _case(seed)[0])
-                except InvalidSolution as exc:
-                    poly, error = None, str(exc)
-            polygons.append(None if poly is None else poly.tolist())
-            scores.append(score)
-            errors.append(None if error is None else f"seed {seed}: {error}")
-            walls.append(round(wall, 3))
-        if all(p is None for p in polygons):
-            raise InvalidSolution(f"the program failed on every test case; first error: {errors[0]}")
-        mean = float(np.mean(scores))
-        construction = {"language": language, "seeds": list(self.seeds), "polygons": polygons}
-        details = {"case_scores": scores, "case_errors": errors, "case_wall_s": walls}
-        return Evaluation(score=mean, reward=self.reward(mean), construction=construction, code=code, details=details)
-
-    def _run_cases(self, language: str, code: str, limits: SandboxLimits) -> list[tuple[str, float, str | None]]:
-        """(stdout, wall seconds, error or None) per seed; a compile error makes the whole reply invalid."""
-        work = tempfile.mkdtemp(prefix="discover-ahc039-")
-        try:
-            if language == "cpp":
-                argv = self._compile(code, work)
-                files = None
-            else:
-                argv = [sys.executable, "-I", "main.py"]
-                files = {"main.py": code.encode()}
-            results = []
-            for seed in self.seeds:
-                proc = run_program(argv, limits, stdin=_case(seed)[1], files=files, workdir=work)
-                results.append(_judge(proc, limits.timeout_s))
-            return results
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-
-    def _compile(self, code: str, work: str) -> list[str]:
-        if shutil.which("g++") is None:
-            raise InvalidSolution("C++ answers need g++, which is not installed on this machine; answer in Python")
-        argv = ["g++", "-std=gnu++20", "-O2", "-o", "main", "main.cpp"]
-        proc = run_program(argv, self.compile_limits, files={"main.cpp": code.encode()}, workdir=work)
-        if proc.timed_out:
-            raise InvalidSolution(f"compilation timed out after {self.compile_limits.timeout_s:g} s")
-        if proc.returncode != 0:
-            stderr = proc.stderr[-2000:].decode(errors="replace").strip()
-            raise InvalidSolution(f"the C++ code does not compile (exit status {proc.returncode}): {stderr}")
-        return ["./main"]
-
-    def rescore(self, state: dict[str, Any]) -> float:
-        construction = state.get("construction")
-        if not isinstance(construction, dict) or set(construction) != {"language", "seeds", "polygons"}:
-            raise InvalidState("state construction must be {'language', 'seeds', 'polygons'}")
-        if construction["seeds"] != self.seeds:
-            raise InvalidState(
-                f"state was scored on seeds {_span(construction['seeds'])}, this env uses {_span(self.seeds)}"
-            )
-        polygons = construction["polygons"]
-        if not isinstance(polygons, list) or len(polygons) != len(self.seeds):
-            raise InvalidState(f"state must hold one polygon (or null) per seed, {len(self.seeds)} in all")
-        if all(p is None for p in polygons):
-            raise InvalidState("state has no polygon at all; a valid attempt has at least one")
-        scores = []
-        for seed, poly in zip(self.seeds, polygons, strict=True):
-            if poly is None:
-                scores.append(0)
-                continue
-            try:
-                array = _as_polygon(poly)
-                check_polygon(array)
-            except InvalidSolution as exc:
-                raise InvalidState(f"state polygon for seed {seed} is invalid: {exc}") from None
-            scores.append(case_score(array, _case(seed)[0]))
-        return float(np.mean(scores))
-
-    def render_state(self, state: dict[str, Any]) -> str:
-        construction = state["construction"]
-        failed = sum(p is None for p in construction["polygons"])
-        parts = [
-            f"## Start state\nMean score over {len(construction['seeds'])} test cases: {state['score']:.2f} "
-            f"(best possible per case: {N_FISH + 1})" + (f"; {failed} case(s) failed and scored 0" if failed else "")
-        ]
-        if state.get("code"):
-            parts.append(f"Program that produced it:\n```{construction['language']}\n{state['code'].rstrip()}\n```")
-        return "\n\n".join(parts)
-
-
-def _judge(proc: ProcessResult, limit: float) -> tuple[str, float, str | None]:
-    """(stdout, wall seconds, error or None) of one case run; the wall clock limit is the contest's rule."""
-    if proc.timed_out or proc.wall_s > limit:
-        return "", proc.wall_s, f"timed out after {limit:g} s (took {proc.wall_s:.2f} s of wall clock)"
-    if proc.returncode != 0:
-        stderr = proc.stderr[-600:].decode(errors="replace").strip()
-        why = proc.status or f"exit status {proc.returncode}"
-        error = f"the program failed: {why}" + (f": {stderr}" if stderr else "")
-        return "", proc.wall_s, error
-    return proc.stdout.decode(errors="replace"), proc.wall_s, None
 
 
 def _as_polygon(value: Any) -> np.ndarray:
@@ -485,9 +461,3 @@ def _as_polygon(value: Any) -> np.ndarray:
     if any(abs(c) > COORD_MAX * 2 for v in value for c in v):
         raise InvalidSolution(f"a polygon has a coordinate far outside [0, {COORD_MAX}]")
     return np.asarray(value, dtype=np.int64).reshape(-1, 2)
-
-
-def _span(seeds: Any) -> str:
-    if isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds):
-        return f"{seeds[0]}..{seeds[-1]} ({len(seeds)})"
-    return repr(seeds)[:40]

@@ -80,7 +80,7 @@ class ErdosMinOverlap(ConstructionProblem):
         h = h * (h.size / 2.0 / h.sum())
         if h.max() > 1.0:
             raise InvalidSolution(
-                f"after rescaling to integral 1, h reaches {h.max():.6g} > 1 at index {int(h.argmax())}"
+                f"after rescaling to integral 1, h reaches {float(h.max())!r} > 1 at index {int(h.argmax())}"
             )
         return h
 

@@ -1,22 +1,37 @@
 """TriMul: make AlphaFold's outgoing triangle multiplicative update fast, without changing its output.
 
-The reference, the input generator and the timing harness are plain module functions: the parent imports
-them (tests compare the reference with a slow loop), and `harness_source` ships their source text to the
-sandbox, where the harness loads the candidate's `custom_kernel` into its own namespace, checks it against
-the reference on fresh inputs and times both. Timings can only be taken where the kernel runs, so the
-harness captures its clock and synchronisation before the candidate's code is loaded.
+GPUMode's task (bioml/trimul) as its submissions see it: `custom_kernel(data)` with data = (input, mask,
+weights, config), GPUMode's weight names and input distributions, and a `task` module to import types from.
+
+Timing is held by this (trusted) parent. The candidate runs in a sandboxed worker process that serves calls
+over a Unix socket in its run folder: the parent draws a seed from OS randomness, sends it, and timestamps the
+reply, which must carry the whole output; the inputs exist nowhere before the seed is sent, so nothing can be
+computed ahead, and nothing in the worker's memory is worth reading or forging. The reference goes through the
+same protocol in a second worker that never runs candidate code, and its outputs are what the candidate's are
+checked against.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import importlib
 import inspect
 import json
 import math
 import os
 import secrets
+import shutil
+import signal
+import socket
 import statistics
+import struct
+import sys
+import tempfile
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any, ClassVar
@@ -26,220 +41,177 @@ import torch
 import torch.nn.functional as F
 
 from discover_envs.problem import Evaluation, InvalidSolution, InvalidState, Problem, extract_block
-from discover_envs.sandbox import run_function
+from discover_envs.sandbox import ProcessResult, run_program
 from discover_envs.state import content_id, make_state
 
-#: Shapes timed on CPU: small enough that one evaluation (torch import included) takes a few seconds on a
-#: single thread; one masked, one unmasked, one with heavy-tailed (Cauchy) inputs.
+#: Shapes on CPU: GPUMode's benchmark shapes scaled down (sequence 32-64 instead of 256-1024, dim 32-64
+#: instead of 128-384, hidden 32 instead of 128) so that an evaluation takes seconds on one core; one with a
+#: mask, two without, one with Cauchy inputs, as the official mix.
 CPU_SHAPES = (
-    {"batch": 1, "seq_len": 32, "dim": 32, "hidden_dim": 32, "masked": True, "distribution": "normal"},
-    {"batch": 2, "seq_len": 32, "dim": 64, "hidden_dim": 32, "masked": False, "distribution": "normal"},
-    {"batch": 1, "seq_len": 64, "dim": 32, "hidden_dim": 32, "masked": True, "distribution": "cauchy"},
+    {"seqlen": 32, "bs": 1, "dim": 32, "hidden_dim": 32, "nomask": False, "distribution": "normal"},
+    {"seqlen": 32, "bs": 2, "dim": 64, "hidden_dim": 32, "nomask": True, "distribution": "normal"},
+    {"seqlen": 64, "bs": 1, "dim": 32, "hidden_dim": 32, "nomask": True, "distribution": "cauchy"},
 )
-#: Shapes timed on CUDA, in the range of the GPUMode competition's benchmarks (sequence 256 to 1024,
-#: dim 128 or 384, hidden 128, with and without mask, normal and Cauchy inputs).
+#: Shapes on CUDA: GPUMode's seven ranked benchmark shapes (their fixed seeds are not used: every call here
+#: draws fresh inputs).
 CUDA_SHAPES = (
-    {"batch": 2, "seq_len": 256, "dim": 128, "hidden_dim": 128, "masked": False, "distribution": "normal"},
-    {"batch": 1, "seq_len": 512, "dim": 128, "hidden_dim": 128, "masked": True, "distribution": "normal"},
-    {"batch": 1, "seq_len": 768, "dim": 384, "hidden_dim": 128, "masked": True, "distribution": "cauchy"},
-    {"batch": 2, "seq_len": 512, "dim": 384, "hidden_dim": 128, "masked": False, "distribution": "normal"},
-    {"batch": 1, "seq_len": 1024, "dim": 384, "hidden_dim": 128, "masked": True, "distribution": "normal"},
+    {"seqlen": 256, "bs": 2, "dim": 128, "hidden_dim": 128, "nomask": True, "distribution": "normal"},
+    {"seqlen": 768, "bs": 1, "dim": 128, "hidden_dim": 128, "nomask": True, "distribution": "cauchy"},
+    {"seqlen": 256, "bs": 2, "dim": 384, "hidden_dim": 128, "nomask": False, "distribution": "normal"},
+    {"seqlen": 512, "bs": 1, "dim": 128, "hidden_dim": 128, "nomask": True, "distribution": "normal"},
+    {"seqlen": 1024, "bs": 1, "dim": 128, "hidden_dim": 128, "nomask": True, "distribution": "cauchy"},
+    {"seqlen": 768, "bs": 1, "dim": 384, "hidden_dim": 128, "nomask": False, "distribution": "normal"},
+    {"seqlen": 1024, "bs": 1, "dim": 384, "hidden_dim": 128, "nomask": True, "distribution": "normal"},
 )
 SHAPE_KEYS = frozenset(CPU_SHAPES[0])
 DISTRIBUTIONS = ("normal", "cauchy")
 #: CUDA reserves tens of GiB of virtual address space when it starts, so an address-space limit that
 #: suits CPU work kills it; on GPU the limit is lifted to 64 TiB (GPU memory is bounded by the device).
 CUDA_MEMORY_MB = 1 << 26
-#: Sandbox isolation on GPU: bubblewrap's private /dev has no /dev/nvidia* nodes, so CUDA runs rlimits-only.
-CUDA_ISOLATION = "none"
 #: Codes (and scores) whose measurements this instance keeps, so restarting from its states needs no new run.
 SCORE_CACHE_SIZE = 1024
-#: Largest harness report read back (it holds a few numbers per shape).
-MAX_REPORT_CHARS = 100_000
+#: The worker's socket, in its run folder (the only host folder it can write).
+SOCKET_NAME = "clock.sock"
+WORKER_FILE = "trimul_worker.py"
+#: Longest JSON header of a worker message (errors included); longer is a protocol violation.
+MAX_HEADER_BYTES = 1 << 16
+#: A worker's own wall clock runs this much past the evaluation's, so the parent's deadline speaks first.
+WORKER_GRACE_S = 5.0
+#: On CPU the code may use one core: CPU time over wall time above this (plus 5 ms) makes the attempt invalid.
+MAX_CORES = 1.5
+
+#: The `task` module a GPUMode submission imports (`from task import input_t, output_t`).
+TASK_MODULE = '''\
+"""Types of GPUMode's TriMul task: data = (input, mask, weights, config) -> output."""
+from typing import Dict, Tuple, TypeVar
+
+import torch
+
+input_t = TypeVar("input_t", bound=Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor], Dict])
+output_t = TypeVar("output_t", bound=torch.Tensor)
+'''
 
 
 def reference_trimul(data):
-    """Outgoing triangle multiplicative update (AlphaFold 2, Algorithm 11) in plain torch.
+    """GPUMode's reference: outgoing triangle multiplicative update (AlphaFold 2, Algorithm 11) in plain torch.
 
-    data = (x, mask, weights, config): x (B, N, N, C) float32, mask (B, N, N) of 0/1, weights the dict of
-    LayerNorm and projection tensors (projections shaped like nn.Linear weights), config the shape dict.
-    Returns (B, N, N, C): out_proj(LayerNorm(sum_k left[i, k] * right[j, k]) * out_gate).
+    data = (input, mask, weights, config): input (bs, seqlen, seqlen, dim) float32, mask (bs, seqlen, seqlen)
+    of 0/1 (integer when masked, float ones otherwise), weights keyed as GPUMode's nn.Module state dict,
+    config {"dim", "hidden_dim"}. Returns to_out(LayerNorm(sum_k left[i, k] * right[j, k]) * sigmoid(out_gate)).
     """
-    x, mask, w, _ = data
-    x = F.layer_norm(x, (x.shape[-1],), w["norm_in.weight"], w["norm_in.bias"])
+    x, mask, w, config = data
+    x = F.layer_norm(x, (config["dim"],), w["norm.weight"], w["norm.bias"])
     m = mask.unsqueeze(-1)
-    left = F.linear(x, w["left_proj"]) * m * torch.sigmoid(F.linear(x, w["left_gate"]))
-    right = F.linear(x, w["right_proj"]) * m * torch.sigmoid(F.linear(x, w["right_gate"]))
-    gate = torch.sigmoid(F.linear(x, w["out_gate"]))
-    z = torch.einsum("bikh,bjkh->bijh", left, right)
-    z = F.layer_norm(z, (z.shape[-1],), w["norm_out.weight"], w["norm_out.bias"]) * gate
-    return F.linear(z, w["out_proj"])
+    left = F.linear(x, w["left_proj.weight"]) * m * torch.sigmoid(F.linear(x, w["left_gate.weight"]))
+    right = F.linear(x, w["right_proj.weight"]) * m * torch.sigmoid(F.linear(x, w["right_gate.weight"]))
+    out = torch.einsum("... i k d, ... j k d -> ... i j d", left, right)
+    out = F.layer_norm(out, (config["hidden_dim"],), w["to_out_norm.weight"], w["to_out_norm.bias"])
+    out = out * torch.sigmoid(F.linear(x, w["out_gate.weight"]))
+    return F.linear(out, w["to_out.weight"])
 
 
 def make_inputs(spec, seed, device):
-    """Fresh inputs for one shape, drawn on `device` from `seed` (a new seed per repetition)."""
+    """GPUMode's inputs for one shape from `seed`: normal or Cauchy(0, 2) input, integer mask (or ones),
+    LayerNorm parameters ~ N(0, 1), projections ~ N(0, 1) / sqrt(hidden), to_out ~ N(0, 1) / sqrt(dim)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    b, n, c, h = spec["batch"], spec["seq_len"], spec["dim"], spec["hidden_dim"]
+    bs, n, dim, hidden = spec["bs"], spec["seqlen"], spec["dim"], spec["hidden_dim"]
 
     def normal(*shape):
         return torch.randn(*shape, generator=gen, device=device)
 
     if spec["distribution"] == "cauchy":
-        x = torch.empty(b, n, n, c, device=device).cauchy_(generator=gen)
+        u = torch.empty(bs, n, n, dim, device=device).uniform_(0.0, 1.0, generator=gen)
+        x = 2.0 * torch.tan(math.pi * (u - 0.5))
     else:
-        x = normal(b, n, n, c)
-    if spec["masked"]:
-        mask = (torch.rand(b, n, n, generator=gen, device=device) < 0.75).float()
+        x = normal(bs, n, n, dim)
+    if spec["nomask"]:
+        mask = torch.ones(bs, n, n, device=device)
     else:
-        mask = torch.ones(b, n, n, device=device)
-    weights = {"norm_in.weight": 1 + 0.1 * normal(c), "norm_in.bias": 0.1 * normal(c)}
+        mask = torch.randint(0, 2, (bs, n, n), generator=gen, device=device)
+    weights = {"norm.weight": normal(dim), "norm.bias": normal(dim)}
     for name in ("left_proj", "right_proj", "left_gate", "right_gate", "out_gate"):
-        weights[name] = normal(h, c) / c**0.5
-    weights.update({"norm_out.weight": 1 + 0.1 * normal(h), "norm_out.bias": 0.1 * normal(h)})
-    weights["out_proj"] = normal(c, h) / h**0.5
-    config = {"batch": b, "seq_len": n, "dim": c, "hidden_dim": h, "masked": spec["masked"]}
-    return x, mask, weights, config
-
-
-def check_output(out, expected, atol, rtol):
-    """(why `out` is wrong or None, largest |out - expected|); wrong means |out - ref| > atol + rtol*|ref|."""
-    if not isinstance(out, torch.Tensor):
-        return f"custom_kernel returned {type(out).__name__}, not a torch.Tensor", math.inf
-    if tuple(out.shape) != tuple(expected.shape) or out.device != expected.device:
-        want = f"{tuple(expected.shape)} on {expected.device}"
-        return f"custom_kernel returned shape {tuple(out.shape)} on {out.device}, expected {want}", math.inf
-    if not out.is_floating_point():
-        return f"custom_kernel returned dtype {out.dtype}, not a floating-point tensor", math.inf
-    out = out.detach().float()
-    if not bool(torch.isfinite(out).all()):
-        index = tuple(int(i) for i in torch.nonzero(~torch.isfinite(out))[0])
-        return f"custom_kernel returned a non-finite value at index {index}", math.inf
-    diff = (out - expected).abs()
-    worst = float(diff.max())
-    excess = diff - (atol + rtol * expected.abs())
-    if float(excess.max()) > 0:
-        flat = int(excess.argmax())
-        index = tuple(int(i) for i in np.unravel_index(flat, tuple(out.shape)))
-        got, want = float(out.flatten()[flat]), float(expected.flatten()[flat])
-        return (
-            f"max |out - ref| = {worst:.4g}; at index {index} out = {got:.6g}, ref = {want:.6g}, beyond "
-            f"atol + rtol*|ref| (atol = {atol:g}, rtol = {rtol:g})"
-        ), worst
-    return None, worst
+        weights[f"{name}.weight"] = normal(hidden, dim) / math.sqrt(hidden)
+    weights.update({"to_out_norm.weight": normal(hidden), "to_out_norm.bias": normal(hidden)})
+    weights["to_out.weight"] = normal(dim, hidden) / math.sqrt(dim)
+    return x, mask, weights, {"dim": dim, "hidden_dim": hidden}
 
 
 def describe_error(exc):
     """The exception and the line of the candidate's code it came from."""
     frames = traceback.extract_tb(exc.__traceback__)
-    where = next((f.lineno for f in reversed(frames) if f.filename == "submission.py"), None)
+    where = next((f.lineno for f in reversed(frames) if f.filename.endswith("submission.py")), None)
     return f"{type(exc).__name__}: {exc}" + (f" (line {where} of the code)" if where else "")
 
 
-def thread_count():
-    """Threads of this process now (Linux), to notice work moved off the timed thread."""
-    return len(os.listdir("/proc/self/task"))
-
-
-def run_harness(code, shapes, device, visible_devices, warmup, reps, atol, rtol, seed, nonce):
-    """Sandbox entry point: load `code`, then per shape and repetition draw fresh inputs, time the reference
-    and `custom_kernel` on copies of them and check the output. Returns a JSON report carrying `nonce`.
-
-    On CUDA the clock is wall time between device synchronisations. On CPU it is the calling thread's CPU
-    time, which other load on the machine does not inflate (process CPU clocks tick at the scheduler's 4 ms
-    under RLIMIT_CPU, so they cannot time millisecond calls); work moved to other threads would escape it,
-    so the process may not gain threads once the candidate is loaded.
-    """
-
-    def fail(error, **extra):
-        return json.dumps({"nonce": nonce, "error": error, **extra})
-
+def serve(device, shapes, visible_devices):
+    """Sandbox side: load `submission.py`, say ready, then for each request draw the inputs from its seed, call
+    `custom_kernel` and send back its whole output. Messages are 8 bytes (header and payload lengths), a JSON
+    header, the payload. Nothing here is secret: the clock and the checks are in the parent."""
     if visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
-    os.remove("call.json")  # the runner has read it; the candidate must not learn the seed or the nonce
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            return fail("CUDA was asked for but is not available")
-        clock, sync = time.perf_counter, torch.cuda.synchronize
-    else:
-        clock = time.thread_time
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel.connect("clock.sock")
 
-        def sync():
-            return None
+    def send(header, payload=b""):
+        text = json.dumps(header).encode()
+        channel.sendall(struct.pack("<II", len(text), len(payload)) + text)
+        if payload:
+            channel.sendall(payload)
 
-    reference, count = reference_trimul, thread_count
-    reference(make_inputs(shapes[0], seed, device))  # lets torch (and CUDA) start what it keeps
-    threads = count()
-    namespace = {"__name__": "submission"}
+    def receive():
+        data = b""
+        while len(data) < 8 or len(data) < 8 + struct.unpack("<II", data[:8])[0]:
+            chunk = channel.recv(1 << 16)
+            if not chunk:
+                return None
+            data += chunk
+        return json.loads(data[8:])
+
     try:
-        exec(compile(code, "submission.py", "exec"), namespace)
+        kernel = getattr(importlib.import_module("submission"), "custom_kernel", None)
     except BaseException as exc:
-        return fail(f"the code failed to load: {describe_error(exc)}")
-    kernel = namespace.get("custom_kernel")
+        return send({"error": f"the code failed to load: {describe_error(exc)}"})
     if not callable(kernel):
-        return fail("the code does not define a function `custom_kernel`")
-    report = []
-    for index, spec in enumerate(shapes):
-        ref_times, times, worst = [], [], 0.0
-        for rep in range(warmup + reps):
-            # Each gets its own copy (the candidate may write to its inputs) and they take turns going first,
-            # so neither is always the one that finds the inputs warm in cache.
-            rep_seed = seed + 1 + 1000 * index + rep
-            copies = [make_inputs(spec, rep_seed, device) for _ in range(2)]
-            for turn in (rep % 2, 1 - rep % 2):
-                sync()
-                start = clock()
-                try:
-                    result = kernel(copies[1]) if turn else reference(copies[0])
-                    sync()
-                except BaseException as exc:
-                    if not turn:
-                        raise
-                    return fail(f"custom_kernel raised {describe_error(exc)} on shape {index} ({spec})")
-                if turn:
-                    out, elapsed = result, clock() - start
-                else:
-                    expected, ref_time = result, clock() - start
-            if device == "cpu" and count() > threads:
-                return fail(
-                    f"the process went from {threads} to {count()} threads; on CPU only the calling thread's "
-                    "time is counted, so custom_kernel must run on it alone (no thread pools, no set_num_threads)"
-                )
-            why, err = check_output(out, expected, atol, rtol)
-            if why is not None:
-                return fail(f"wrong output on shape {index} ({spec}), repetition {rep}: {why}", max_error=err)
-            worst = max(worst, err)
-            if rep >= warmup:
-                ref_times.append(ref_time)
-                times.append(elapsed)
-        report.append(
-            {
-                "candidate_us": 1e6 * statistics.median(times),
-                "reference_us": 1e6 * statistics.median(ref_times),
-                "max_error": worst,
-            }
-        )
-    return json.dumps({"nonce": nonce, "shapes": report})
+        return send({"error": "the code does not define a function `custom_kernel`"})
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    send({"ready": True})
+    while (request := receive()) is not None:
+        data = make_inputs(shapes[request["shape"]], request["seed"], device)
+        try:
+            out = kernel(data)
+            sync()
+        except BaseException as exc:
+            return send({"error": f"custom_kernel raised {describe_error(exc)}"})
+        if not isinstance(out, torch.Tensor):
+            return send({"error": f"custom_kernel returned {type(out).__name__}, not a torch.Tensor"})
+        if not out.is_floating_point() or out.device.type != device:
+            return send(
+                {"error": f"custom_kernel returned a {out.dtype} tensor on {out.device}; want float on {device}"}
+            )
+        array = out.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        send({"shape": list(array.shape)}, array.data.cast("B"))
 
 
-_SANDBOX_IMPORTS = """\
+_WORKER_IMPORTS = """\
+import importlib
 import json
 import math
 import os
-import statistics
-import time
+import socket
+import struct
+import sys
 import traceback
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 """
 
 
 @cache
-def harness_source() -> str:
-    """The sandbox program: the functions above, as written here, behind their imports."""
-    functions = (reference_trimul, make_inputs, check_output, describe_error, thread_count, run_harness)
-    return "\n\n".join([_SANDBOX_IMPORTS, *(inspect.getsource(f) for f in functions)])
+def worker_source() -> str:
+    """The sandbox program: the functions above, as written here, and a call of `serve`."""
+    functions = (make_inputs, describe_error, serve)
+    main = "\n\nif __name__ == '__main__':\n    serve(**json.loads(sys.argv[1]))\n"
+    return "\n\n".join([_WORKER_IMPORTS, *(inspect.getsource(f) for f in functions)]) + main
 
 
 #: The start state: the reference itself, as a candidate would write it.
@@ -250,9 +222,207 @@ BASELINE_CODE = (
 )
 
 
+def check_output(out: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> tuple[str | None, float]:
+    """(why `out` is wrong or None, largest |out - expected|); wrong means |out - ref| > atol + rtol*|ref|."""
+    if not np.isfinite(out).all():
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(out))[0])
+        return f"custom_kernel returned a non-finite value at index {index}", math.inf
+    diff = np.abs(out.astype(np.float64) - expected)
+    worst = float(diff.max())
+    excess = diff - (atol + rtol * np.abs(expected))
+    if excess.max() > 0:
+        index = np.unravel_index(int(excess.argmax()), out.shape)
+        where = tuple(int(i) for i in index)
+        return (
+            f"max |out - ref| = {worst:.4g}; at index {where} out = {float(out[index]):.6g}, ref = "
+            f"{float(expected[index]):.6g}, beyond atol + rtol*|ref| (atol = {atol:g}, rtol = {rtol:g})"
+        ), worst
+    return None, worst
+
+
+class WorkerFailed(Exception):
+    """A worker broke the protocol, raised, exited or ran out of time; the message says which."""
+
+
+class Worker:
+    """One sandboxed process serving `custom_kernel` calls; this side holds the clock.
+
+    The process runs `run_program` in a thread; it connects to a socket this side made in its run folder. A
+    call sends a seed and times until the last byte of the output is in; on CPU it also reads the process's
+    CPU clock (the kernel's accounting, which the code cannot write) to see whether it used more than a core.
+    """
+
+    def __init__(self, code: str, config: dict[str, Any], limits: Any, *, is_reference: bool = False) -> None:
+        self.is_reference = is_reference
+        self.work = tempfile.mkdtemp(prefix="discover-trimul-")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(os.path.join(self.work, SOCKET_NAME))
+        os.chmod(os.path.join(self.work, SOCKET_NAME), 0o666)  # the worker runs as an unprivileged uid
+        self.listener.listen(1)
+        self.conn: socket.socket | None = None
+        self.pid: int | None = None
+        self.outcome: ProcessResult | BaseException | None = None
+        files = {
+            "task.py": TASK_MODULE.encode(),
+            "submission.py": code.encode(errors="replace"),
+            WORKER_FILE: worker_source().encode(),
+        }
+        argv = [sys.executable, "-s", WORKER_FILE, json.dumps(config)]
+        # In this context's copy, so that the sandbox mode lands in the caller's `recorded_modes()`.
+        context = contextvars.copy_context()
+        self.thread = threading.Thread(target=context.run, args=(self._run, argv, limits, files), daemon=True)
+        self.thread.start()
+
+    def _run(self, argv: list[str], limits: Any, files: dict[str, bytes]) -> None:
+        try:
+            self.outcome = run_program(argv, limits, files=files, workdir=self.work)
+        except BaseException as exc:  # re-raised in the caller's thread by `failure`
+            self.outcome = exc
+
+    def connect(self, deadline: float) -> None:
+        """Wait for the worker to connect and say it loaded the code."""
+        self.listener.settimeout(0.2)
+        while self.conn is None:
+            try:
+                self.conn, _ = self.listener.accept()
+            except TimeoutError:
+                if not self.thread.is_alive() or time.monotonic() > deadline:
+                    raise self.failure(deadline) from None
+        self.listener.close()
+        with contextlib.suppress(OSError):
+            self.pid = struct.unpack("3i", self.conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        header, _ = self._receive(deadline, 0)
+        if header.get("ready") is not True:
+            raise WorkerFailed(f"the worker sent {str(header)[:200]} instead of saying it is ready")
+
+    def call(self, index: int, seed: int, shape: tuple[int, ...], deadline: float) -> tuple[np.ndarray, float, float]:
+        """(output, wall seconds, CPU seconds or nan) of one call on fresh inputs drawn from `seed`."""
+        request = json.dumps({"shape": index, "seed": seed}).encode()
+        cpu = self._cpu_s()
+        start = time.perf_counter()
+        self.conn.sendall(struct.pack("<II", len(request), 0) + request)
+        header, payload = self._receive(deadline, 4 * math.prod(shape))
+        wall = time.perf_counter() - start
+        cpu = self._cpu_s() - cpu
+        if header.get("shape") != list(shape):
+            raise WorkerFailed(f"custom_kernel returned shape {str(header.get('shape'))[:100]}, expected {list(shape)}")
+        return np.frombuffer(payload, dtype=np.float32).reshape(shape), wall, cpu
+
+    def _cpu_s(self) -> float:
+        """CPU seconds of the worker process so far (all its threads), from the kernel; nan if unreadable."""
+        if self.pid is None:
+            return math.nan
+        try:
+            return time.clock_gettime((~self.pid << 3) | 2)  # CPUCLOCK_SCHED of process `pid` (Linux)
+        except OSError:
+            return math.nan
+
+    def _receive(self, deadline: float, payload_bytes: int) -> tuple[dict[str, Any], bytes]:
+        """One message: an error header raises; otherwise the payload must be exactly `payload_bytes`."""
+        sizes = self._read(8, deadline)
+        header_len, payload_len = struct.unpack("<II", sizes)
+        if header_len > MAX_HEADER_BYTES:
+            raise WorkerFailed(f"the worker sent a {header_len}-byte header (the limit is {MAX_HEADER_BYTES})")
+        try:
+            header = json.loads(self._read(header_len, deadline))
+        except (ValueError, RecursionError):
+            raise WorkerFailed("the worker sent a header that is not JSON") from None
+        if not isinstance(header, dict):
+            raise WorkerFailed("the worker sent a header that is not a JSON object")
+        if "error" in header:
+            raise WorkerFailed(str(header["error"])[:4000])
+        if payload_len != payload_bytes:
+            raise WorkerFailed(f"the worker sent {payload_len} bytes of output, expected {payload_bytes}")
+        return header, self._read(payload_len, deadline)
+
+    def _read(self, size: int, deadline: float) -> bytes:
+        buffer = bytearray(size)
+        view, got = memoryview(buffer), 0
+        while got < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.failure(deadline)
+            self.conn.settimeout(remaining)
+            try:
+                n = self.conn.recv_into(view[got:])
+            except TimeoutError:
+                raise self.failure(deadline) from None
+            except OSError as exc:
+                raise WorkerFailed(f"the connection to the worker failed: {exc}") from None
+            if n == 0:
+                raise self.failure(deadline)
+            got += n
+        return bytes(buffer)
+
+    def failure(self, deadline: float) -> WorkerFailed:
+        """Why the worker stopped answering: its deadline, or how its process ended (with its stderr)."""
+        if time.monotonic() > deadline:
+            return WorkerFailed("timed out")
+        self.thread.join(max(0.0, deadline - time.monotonic()) + WORKER_GRACE_S)
+        outcome = self.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome is None:
+            return WorkerFailed("timed out")
+        stderr = outcome.stderr[-2000:].decode(errors="replace").strip()
+        ended = f"the code's process ended before answering ({outcome.status})"
+        return WorkerFailed(ended + (f": {stderr}" if stderr else ""))
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Stop every process of this worker's sandbox (SIGSTOP, which no code can catch) for the duration, so
+        nothing it left running competes with the other worker's timed calls; continue them afterwards."""
+        stopped: set[int] = set()
+        try:
+            for _ in range(3):  # a process forked while the first pass ran is caught by the next
+                fresh = set(self._sandbox_pids()) - stopped
+                for pid in fresh:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGSTOP)
+                stopped |= fresh
+                if not fresh:
+                    break
+            yield
+        finally:
+            for pid in stopped:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGCONT)
+
+    def _sandbox_pids(self) -> list[int]:
+        """The worker's processes: those in its PID namespace (bubblewrap), else those in its session."""
+        if self.pid is None:
+            return []
+        try:
+            namespace = os.readlink(f"/proc/{self.pid}/ns/pid")
+            own = namespace != os.readlink("/proc/self/ns/pid")
+            session = os.getsid(self.pid)
+        except OSError:
+            return []
+        found = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):
+                if (os.readlink(f"/proc/{name}/ns/pid") == namespace) if own else os.getsid(int(name)) == session:
+                    found.append(int(name))
+        return found
+
+    def close(self) -> None:
+        """Hang up, give the worker a moment to exit, then kill it; remove its folder once it is gone."""
+        for closing in (self.conn, self.listener):
+            if closing is not None:
+                closing.close()
+        self.thread.join(1.0)
+        if self.thread.is_alive() and self.pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+        self.thread.join()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class Measurement:
-    """One harness run: geometric means over shapes (microseconds) and the per-shape figures."""
+    """One evaluation: geometric means over shapes (microseconds) and the per-shape figures."""
 
     score: float
     reference_us: float
@@ -266,90 +436,103 @@ def _geometric_mean(values: list[float]) -> float:
 def _check_shape(spec: Any) -> dict[str, Any]:
     if not isinstance(spec, dict) or set(spec) != SHAPE_KEYS:
         raise ValueError(f"a TriMul shape must be a dict with keys {sorted(SHAPE_KEYS)}, got {spec!r}")
-    for key in ("batch", "seq_len", "dim", "hidden_dim"):
+    for key in ("seqlen", "bs", "dim", "hidden_dim"):
         if isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 1:
             raise ValueError(f"TriMul shape {key} must be a positive int, got {spec[key]!r}")
-    if not isinstance(spec["masked"], bool):
-        raise ValueError(f"TriMul shape masked must be True or False, got {spec['masked']!r}")
+    if not isinstance(spec["nomask"], bool):
+        raise ValueError(f"TriMul shape nomask must be True or False, got {spec['nomask']!r}")
     if spec["distribution"] not in DISTRIBUTIONS:
         raise ValueError(f"TriMul shape distribution must be one of {DISTRIBUTIONS}, got {spec['distribution']!r}")
     return dict(spec)
 
 
 class TriMul(Problem):
-    """TriMul: a fast kernel for the outgoing triangle multiplicative update (GPUMode's TriMul task).
+    """TriMul: a fast kernel for the outgoing triangle multiplicative update (GPUMode's bioml/trimul task).
 
     ## Description
     The triangle multiplicative update of AlphaFold 2 (Algorithm 11, outgoing edges) maps a pair
-    representation x (B, N, N, C) and a pair mask (B, N, N) to (B, N, N, C): LayerNorm over C; left and
-    right projections to H channels, each masked and gated by a sigmoid of its own projection; the product
-    z[b, i, j] = sum_k left[b, i, k] * right[b, j, k]; LayerNorm over H; a sigmoid output gate (projected
-    from the normalised x); a projection back to C. `reference_trimul` is the plain-torch definition.
+    representation x (bs, N, N, dim) and a pair mask (bs, N, N) to (bs, N, N, dim): LayerNorm over dim; left
+    and right projections to hidden_dim channels, each masked and gated by a sigmoid of its own projection;
+    z[b, i, j] = sum_k left[b, i, k] * right[b, j, k]; LayerNorm over hidden_dim; a sigmoid output gate; a
+    projection back to dim. `reference_trimul` is GPUMode's reference, written with torch functions.
 
     ## Action
-    One ```python block defining `custom_kernel(data)` with the reference's signature: data = (x, mask,
-    weights, config), all float32 tensors on the env's device (weights keyed norm_in.weight/bias, left_proj,
-    right_proj, left_gate, right_gate, out_gate (H, C), norm_out.weight/bias (H), out_proj (C, H)); config
-    holds batch, seq_len, dim, hidden_dim and masked. It returns a floating-point tensor (B, N, N, C) on the
-    same device. The code runs in the sandbox in its own process (one CPU thread; on GPU with
-    CUDA_VISIBLE_DEVICES pinned to one device); torch is available, and on GPU so is whatever the host has
-    installed (e.g. Triton).
+    One ```python block defining `custom_kernel(data)` as a GPUMode submission does: data = (input, mask,
+    weights, config); input float32 (bs, N, N, dim); mask (bs, N, N), integer 0/1 (float ones when unmasked);
+    weights keyed norm.weight/bias, left_proj.weight, right_proj.weight, left_gate.weight, right_gate.weight,
+    out_gate.weight (hidden, dim), to_out_norm.weight/bias (hidden), to_out.weight (dim, hidden); config
+    {"dim", "hidden_dim"}; all on the env's device. It returns a floating-point tensor (bs, N, N, dim) on that
+    device. `from task import input_t, output_t` works, so GPUMode's template runs unmodified
+    (tests/data/trimul/gpumode_template.py). The code is the module `submission` of a sandboxed worker
+    process (libraries on one thread; on GPU pinned to one device), torch available, and on GPU whatever the
+    host has (e.g. Triton).
+
+    ## Inputs
+    GPUMode's generator (`make_inputs`): input ~ N(0, 1), or Cauchy(0, 2) as 2 tan(pi (u - 1/2)); mask all
+    ones (nomask) or randint(0, 2); LayerNorm parameters ~ N(0, 1); the five projections ~ N(0, 1)/sqrt(hidden);
+    to_out ~ N(0, 1)/sqrt(dim). The seed of every call is fresh from OS randomness (GPUMode's fixed seeds are
+    not used). Shapes: on CUDA GPUMode's seven ranked benchmark shapes (CUDA_SHAPES); on CPU the scaled-down
+    CPU_SHAPES (N 32-64, dim 32-64, hidden 32), so an evaluation takes seconds on one core.
 
     ## Verifier and metric
-    For every shape and every repetition (`warmup` + `reps`) fresh inputs are drawn from a seed chosen at
-    random per evaluation; the reference and `custom_kernel` each run on their own copy, taking turns to go
-    first (neither always finds the inputs warm in cache), each timed, and the
-    candidate's output must satisfy |out - ref| <= atol + rtol * |ref| everywhere (default atol = rtol =
-    2e-2, which admits bf16/TF32 arithmetic) and be finite, of the right shape and on the right device. One
-    failure makes the attempt invalid, with the shape, the worst error and where it is in `info["error"]`.
-    Fresh inputs every time and a check of every output defeat caching across calls. Clock: on CUDA, wall
-    time between device synchronisations; on CPU, the calling thread's CPU time (robust to other load on a
-    shared machine), so the process may not gain threads once the code is loaded. Per shape the figure is the
-    median over the `reps` timed calls (robust to preemption); `score` is the geometric mean of these over
-    the shapes, in microseconds (lower is better). `info` also has `reference_us` (same statistic for the
-    reference, same run), `speedup` (their ratio), `shape_us` and `max_error`.
+    The parent holds the clock. Two sandboxed workers are started, one with the candidate, one with
+    BASELINE_CODE (the reference), and each says when it is ready. For every shape and repetition (`warmup`
+    untimed, then `reps` timed) the parent draws a seed, sends it to each worker in turn (alternating who goes
+    first) and times from the send to the last byte of the reply, which carries the whole output: drawing the
+    inputs from the seed on the device, the kernel, and bringing the output back to the parent are inside the
+    window, the same for both. The inputs do not exist before the seed is sent, so nothing can be precomputed,
+    and no secret, report or clock lives in the candidate's process. The candidate's output must be finite,
+    of the right shape and within |out - ref| <= atol + rtol * |ref| of the reference worker's output on the
+    same inputs (atol = rtol = 2e-2, GPUMode's tolerance); one failure makes the attempt invalid, with the
+    shape, the worst error and where it is in `info["error"]`. On CPU the worker's CPU time (read from the
+    kernel's accounting of its process) over a call may not exceed `MAX_CORES` times its wall time: thread pools
+    would make wall time a count of cores. While the reference is timed, every process of the candidate's
+    sandbox is stopped (SIGSTOP; its PID namespace under bubblewrap, its session otherwise), so nothing the code
+    left running can slow the reference down and inflate the ratio. Per shape the figure is the median of the
+    `reps` timed calls; `score` is the geometric mean over shapes, in microseconds (lower is better). `info`
+    has `reference_us` (same statistic for the reference, same run), `speedup` (their ratio), `shape_us` and
+    `max_error`.
 
-    Trust: timings can only be taken in the candidate's process, so a candidate that sets out to tamper with
-    the harness in memory can (e.g. by monkeypatching the torch functions the reference calls). The harness
-    binds its clock, synchronisation and reference before loading the code, deletes its call file first and
-    tags its report with a per-run nonce, so a result written by the candidate itself is refused; the
-    sandbox bounds what a hostile candidate can reach. On CUDA the sandbox runs without bubblewrap
-    (CUDA_ISOLATION).
+    Limits of the figure: the window includes input generation and the device-to-host copy of the output, so
+    absolute times exceed the kernel's and speed-ups are understated, most at large shapes on CUDA, where the
+    copy can rival the kernel (not measured here: no GPU was available). Helper processes that the code
+    starts are not counted by the CPU-time check (their work still shows in the wall time). GPU work the code
+    queued before replying keeps running while its processes are stopped. Without bubblewrap the sandbox is
+    no boundary (see `discover_envs.sandbox`), and none of this holds against a hostile candidate.
 
     ## Reward and failure reward
-    reward = the reference's time / the candidate's time, both from the same run (`info["speedup"]`): timed
-    turn about on the same inputs, the ratio holds up where absolute times drift by ~20% between runs. Each
+    reward = the reference's time / the candidate's time, both from the same run (`info["speedup"]`). Each
     score this instance measured keeps its run's ratio, so `reward(score)` (used again by `reset`) is a
-    function of the score; a score it never measured gets `reference_us / score`, with reference_us the
-    reference's time in this instance's first run (or the `reference_us` argument). An invalid attempt (no
-    block, error, timeout, wrong output) gets `failure_reward` = 0, below every valid reward.
+    function of the score; a score it never measured (e.g. a state restored in a fresh instance) gets
+    `reference_us / score`, with reference_us from this instance's first run, measured then if need be (or the
+    `reference_us` argument). An invalid attempt gets `failure_reward` = 0, below every valid reward.
 
     ## Restart states
-    A state is the code and its score (construction None). The start state is BASELINE_CODE (the reference
-    as a candidate), measured once per instance. Timings vary from run to run, so no exact re-check exists:
-    `rescore` returns a score this instance measured for the same code as it is (its own states restart
-    exactly, with no new run), else this instance's latest measurement of the code, made now (full check
-    and timing) if there is none; `reset` accepts the claim within `score_rtol` = 0.3 (relative,
-    math.isclose) of that and continues from the measurement, and rejects a claim further off.
+    A state is the code and its score (construction None). The start state is BASELINE_CODE, measured once
+    per instance. Timings vary from run to run, so no exact re-check exists: `rescore` returns a score this
+    instance measured for the same code as it is, else its latest measurement of the code, made now if there
+    is none; `reset` accepts the claim within `score_rtol` = 0.3 (relative) of that.
 
-    ## Published figures (A100, GPUMode's harness and shapes; not comparable to these runs)
-    TTT-Discover: 2198 us on A100 against 4531 us for the best human submission (arXiv 2601.16175).
+    ## Published figures (GPUMode's harness and shapes on H100/A100; not comparable to these runs)
+    TTT-Discover: 1161 us on H100 and 2198 us on A100, against 1371 us and 4531 us for the best human
+    submissions (arXiv 2601.16175).
 
     ## Arguments
-    device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". gpu: index of the GPU to pin (among
-    the parent's CUDA_VISIBLE_DEVICES when that is set). shapes: list of dicts with batch, seq_len, dim,
-    hidden_dim, masked and distribution ("normal" or "cauchy"); default CPU_SHAPES or CUDA_SHAPES.
-    warmup, reps: untimed and timed calls per shape (2 and 10). atol, rtol: output tolerance (2e-2).
-    reference_us: fix the reward's calibration instead of measuring it. timeout_s: wall clock of one whole
-    evaluation (60 s). memory_mb: address-space limit (4096 on CPU; lifted on CUDA, see CUDA_MEMORY_MB).
+    device: "auto" (CUDA when available), "cpu" or "cuda". gpu: index of the GPU to pin (among the parent's
+    CUDA_VISIBLE_DEVICES when set). shapes: list of dicts with seqlen, bs, dim, hidden_dim, nomask and
+    distribution ("normal" or "cauchy"); default CPU_SHAPES or CUDA_SHAPES. warmup, reps: untimed and timed
+    calls per shape (2 and 10). atol, rtol: output tolerance (2e-2). reference_us: fix the reward's
+    calibration instead of measuring it. timeout_s: wall clock of one whole evaluation, worker start-up
+    included (60 s). memory_mb: address-space limit per worker (4096 on CPU; lifted on CUDA).
 
     ## Version history
-    v0: first release.
+    v0: GPUMode's interface (data, weight names, config, integer mask, Cauchy(0, 2) inputs, `task` module);
+    timing by the parent over a socket, the reference in its own worker.
     """
 
     title: ClassVar[str] = "TriMul: triangle multiplicative update kernel (outgoing edges)"
     higher_is_better: ClassVar[bool] = False
-    #: Timings vary from run to run (thread CPU time on a shared machine: ~20% seen under heavy load).
+    #: Timings vary from run to run (wall time on a shared machine).
     score_rtol: ClassVar[float] = 0.3
 
     def __init__(
@@ -372,8 +555,6 @@ class TriMul(Problem):
             raise ValueError(f"TriMul device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         default_mb = CUDA_MEMORY_MB if device == "cuda" else 4096
         super().__init__(timeout_s=timeout_s, memory_mb=default_mb if memory_mb is None else memory_mb)
-        if device == "cuda":
-            self.limits = replace(self.limits, isolation=CUDA_ISOLATION)
         if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
             raise ValueError(f"TriMul gpu must be a GPU index >= 0, got {gpu!r}")
         if not (isinstance(warmup, int) and warmup >= 0 and isinstance(reps, int) and reps >= 1):
@@ -397,24 +578,26 @@ class TriMul(Problem):
 
     def statement(self) -> str:
         where = (
-            "on one GPU (wall time between synchronisations is measured)"
+            "on one GPU"
             if self.device == "cuda"
-            else "on one CPU thread (its CPU time is measured; starting threads makes the attempt invalid)"
+            else "on one CPU core (using more than one, e.g. with thread pools, makes the attempt invalid)"
         )
         shapes = "\n".join(
-            f"- B={s['batch']}, N={s['seq_len']}, C={s['dim']}, H={s['hidden_dim']}, "
-            f"{'masked' if s['masked'] else 'mask all ones'}, {s['distribution']} inputs"
+            f"- bs={s['bs']}, seqlen={s['seqlen']}, dim={s['dim']}, hidden_dim={s['hidden_dim']}, "
+            f"{'no mask' if s['nomask'] else 'random integer mask'}, {s['distribution']} inputs"
             for s in self.shapes
         )
         return (
             f"# {self.title}\n"
-            "Write a faster `custom_kernel(data)` that computes exactly what the reference below computes\n"
+            "Write a faster `custom_kernel(data)` that computes what GPUMode's TriMul reference below computes\n"
             "(AlphaFold 2's outgoing triangle multiplicative update):\n\n"
             f"```python\n{inspect.getsource(reference_trimul).rstrip()}\n```\n\n"
-            "data = (x, mask, weights, config): x is float32 (B, N, N, C); mask is float32 (B, N, N) of 0/1;\n"
-            "weights holds norm_in.weight/bias (C), left_proj, right_proj, left_gate, right_gate, out_gate\n"
-            "(H, C), norm_out.weight/bias (H) and out_proj (C, H); config has batch, seq_len, dim, hidden_dim,\n"
-            f"masked. Everything is on device '{self.device}'; return a floating-point tensor (B, N, N, C) on it.\n"
+            "data = (input, mask, weights, config): input float32 (bs, seqlen, seqlen, dim); mask (bs, seqlen,\n"
+            "seqlen) of 0/1 (integer, or float ones without mask); weights holds norm.weight/bias (dim),\n"
+            "left_proj.weight, right_proj.weight, left_gate.weight, right_gate.weight, out_gate.weight\n"
+            "(hidden_dim, dim), to_out_norm.weight/bias (hidden_dim) and to_out.weight (dim, hidden_dim); config\n"
+            f"is {{'dim', 'hidden_dim'}}. Everything is on device '{self.device}'; return a float tensor\n"
+            "(bs, seqlen, seqlen, dim) on it. `from task import input_t, output_t` is available.\n"
             f"Your code runs {where}, on these shapes:\n{shapes}\n"
             f"Every call gets fresh random inputs and every output is checked: |out - ref| <= {self.atol:g} +\n"
             f"{self.rtol:g} * |ref| everywhere, or the attempt is invalid. Each shape is run {self.warmup} times\n"
@@ -429,40 +612,90 @@ class TriMul(Problem):
     def initial_state(self, rng: np.random.Generator) -> dict[str, Any]:
         """BASELINE_CODE, measured once per instance (timings vary, a restart should not)."""
         if self._start is None:
-            try:
-                measured = self.measure(BASELINE_CODE)
-            except InvalidSolution as exc:
-                raise RuntimeError(f"the TriMul baseline failed on {self.device}: {exc}") from None
+            measured = self._measure_baseline()
             self._start = make_state(score=measured.score, reward=self.reward(measured.score), code=BASELINE_CODE)
         return dict(self._start)
 
+    def _measure_baseline(self) -> Measurement:
+        try:
+            return self.measure(BASELINE_CODE)
+        except InvalidSolution as exc:
+            raise RuntimeError(f"the TriMul baseline failed on {self.device}: {exc}") from None
+
     def measure(self, code: str) -> Measurement:
-        """Check and time `code` in the sandbox; raise `InvalidSolution` with the harness's reason."""
-        nonce = secrets.token_hex(16)
-        kwargs = {
-            "code": code,
-            "shapes": self.shapes,
-            "device": self.device,
-            "visible_devices": self.visible_devices,
-            "warmup": self.warmup,
-            "reps": self.reps,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "seed": secrets.randbelow(2**40),
-            "nonce": nonce,
-        }
-        result = run_function(harness_source(), "run_harness", kwargs, self.limits)
-        if not result.ok:
-            raise InvalidSolution(result.error)
-        report = _read_report(result.value, nonce, len(self.shapes))
-        if "error" in report:
-            raise InvalidSolution(str(report["error"]))
-        shapes = report["shapes"]
+        """Check and time `code` against the reference, each in its own worker; raise `InvalidSolution`."""
+        limits = replace(self.limits, timeout_s=self.limits.timeout_s + WORKER_GRACE_S)
+        config = {"device": self.device, "shapes": self.shapes, "visible_devices": self.visible_devices}
+        deadline = time.monotonic() + self.limits.timeout_s
+        reference = Worker(BASELINE_CODE, config, limits, is_reference=True)
+        try:
+            candidate = Worker(code, config, limits)
+            try:
+                shapes = self._time(reference, candidate, deadline)
+            finally:
+                candidate.close()
+        finally:
+            reference.close()
         measured = Measurement(
             score=_geometric_mean([s["candidate_us"] for s in shapes]),
             reference_us=_geometric_mean([s["reference_us"] for s in shapes]),
             shapes=shapes,
         )
+        self._remember(code, measured)
+        return measured
+
+    def _time(self, reference: Worker, candidate: Worker, deadline: float) -> list[dict[str, float]]:
+        """Run every shape and repetition through both workers; the per-shape medians (us) and worst error."""
+        self._call(reference, "connect", deadline)
+        self._call(candidate, "connect", deadline)
+        report = []
+        for index, spec in enumerate(self.shapes):
+            shape = (spec["bs"], spec["seqlen"], spec["seqlen"], spec["dim"])
+            times: dict[Worker, list[float]] = {reference: [], candidate: []}
+            worst = 0.0
+            for rep in range(self.warmup + self.reps):
+                seed = secrets.randbits(63)
+                outputs = {}
+                for worker in (reference, candidate) if rep % 2 == 0 else (candidate, reference):
+                    # While the reference is timed, the candidate's sandbox is stopped: nothing it left running
+                    # (threads, helper processes) can slow the reference down and inflate the ratio.
+                    with candidate.frozen() if worker is reference else contextlib.nullcontext():
+                        outputs[worker], wall, cpu = self._call(worker, "call", deadline, index, seed, shape)
+                    if worker is candidate and self.device == "cpu" and cpu > MAX_CORES * wall + 0.005:
+                        raise InvalidSolution(
+                            f"custom_kernel used {1e3 * cpu:.1f} ms of CPU time in {1e3 * wall:.1f} ms on shape "
+                            f"{index}: more than one core (thread pools or set_num_threads); on CPU it must run "
+                            "on one"
+                        )
+                    if rep >= self.warmup:
+                        times[worker].append(wall)
+                why, err = check_output(outputs[candidate], outputs[reference], self.atol, self.rtol)
+                if why is not None:
+                    raise InvalidSolution(f"wrong output on shape {index} ({spec}), repetition {rep}: {why}")
+                worst = max(worst, err)
+            report.append(
+                {
+                    "candidate_us": 1e6 * statistics.median(times[candidate]),
+                    "reference_us": 1e6 * statistics.median(times[reference]),
+                    "max_error": worst,
+                }
+            )
+        return report
+
+    def _call(self, worker: Worker, method: str, deadline: float, *args: Any) -> Any:
+        """`worker.method(*args, deadline)`; its failure is the candidate's (`InvalidSolution`), or, from the
+        reference's worker, a broken environment (`RuntimeError`) unless time had run out."""
+        try:
+            return getattr(worker, method)(*args, deadline)
+        except WorkerFailed as exc:
+            message = str(exc)
+            if message == "timed out" or time.monotonic() > deadline:
+                raise InvalidSolution(f"timed out after {self.limits.timeout_s:g} s (wall clock)") from None
+            if worker.is_reference:
+                raise RuntimeError(f"the TriMul reference worker failed on {self.device}: {message}") from None
+            raise InvalidSolution(message) from None
+
+    def _remember(self, code: str, measured: Measurement) -> None:
         if self.reference_us is None:
             self.reference_us = measured.reference_us
         if len(self._speedups) >= SCORE_CACHE_SIZE:
@@ -472,16 +705,16 @@ class TriMul(Problem):
         if key not in self._measured and len(self._measured) >= SCORE_CACHE_SIZE:
             del self._measured[next(iter(self._measured))]
         self._measured.setdefault(key, []).append(measured.score)
-        return measured
 
     def reward(self, score: float) -> float:
-        """The same-run speed-up of a score measured here, else the calibrated reference time over it."""
+        """The same-run speed-up of a score measured here, else the calibrated reference time over it (the
+        reference is measured now if this instance has no calibration yet, e.g. restoring another's state)."""
         if score in self._speedups:
             return self._speedups[score]
-        if self.reference_us is None:
-            raise RuntimeError("TriMul's reward is uncalibrated: measure some code first or pass reference_us")
         if not score > 0:
             raise ValueError(f"TriMul score must be a positive time, got {score!r}")
+        if self.reference_us is None:
+            self._measure_baseline()
         return self.reference_us / float(score)
 
     def evaluate(self, reply: str, state: dict[str, Any]) -> Evaluation:
@@ -529,29 +762,3 @@ def _pinned_device(gpu: int) -> str:
     if gpu >= len(devices):
         raise ValueError(f"TriMul gpu={gpu} but CUDA_VISIBLE_DEVICES={visible!r} lists {len(devices)} device(s)")
     return devices[gpu]
-
-
-def _read_report(value: Any, nonce: str, n_shapes: int) -> dict[str, Any]:
-    """Parse the harness's JSON report; refuse one without this run's nonce (it was not the harness's)."""
-    if not isinstance(value, str) or len(value) > MAX_REPORT_CHARS:
-        raise InvalidSolution("the sandbox returned no harness report (did the code write its own result?)")
-    try:
-        report = json.loads(value)
-    except json.JSONDecodeError:
-        raise InvalidSolution("the harness report is not valid JSON") from None
-    if not isinstance(report, dict) or report.get("nonce") != nonce:
-        raise InvalidSolution("the result does not carry this run's nonce, so it did not come from the harness")
-    if "error" in report:
-        return report
-    shapes = report.get("shapes")
-    keys = ("candidate_us", "reference_us", "max_error")
-    if not isinstance(shapes, list) or len(shapes) != n_shapes:
-        raise InvalidSolution("the harness report does not cover every shape")
-    for entry in shapes:
-        if not isinstance(entry, dict) or not all(
-            isinstance(entry.get(k), (int, float)) and math.isfinite(entry[k]) for k in keys
-        ):
-            raise InvalidSolution(f"malformed harness report entry {str(entry)[:200]}")
-        if not (entry["candidate_us"] > 0 and entry["reference_us"] > 0):
-            raise InvalidSolution("the harness reported a time that is not positive")
-    return report

@@ -1,5 +1,6 @@
-"""Speed target of TriMul: one env.step of the baseline (sandbox start, torch import, 3 shapes x 12 checked
-and timed calls) should take a few seconds on 2 CPU cores. Run with --benchmark-enable to time it."""
+"""Speed target of TriMul: one env.step of the baseline (two sandboxed workers start and import torch, then
+3 shapes x 12 calls, each checked and timed by the parent) should take a few seconds on 2 CPU cores. Run with
+--benchmark-enable to time it."""
 
 from __future__ import annotations
 
