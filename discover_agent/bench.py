@@ -29,7 +29,8 @@ import discover_envs  # noqa: F401 - registers the env ids
 from discover_agent.agents import AGENTS, Agent, PUCTSearch, open_env
 from discover_agent.config import AgentConfig
 from discover_agent.plots import plot_leaderboard
-from discover_agent.storage import atomic_write_bytes, write_json
+from discover_agent.rundir import RunDir
+from discover_agent.storage import atomic_write_bytes, read_json, write_json
 
 #: Published figures for context (full-size problems; TTT-Discover paper and ../shared/fixtures/README.md).
 REFERENCES: dict[str, list[tuple[str, float]]] = {
@@ -148,11 +149,18 @@ def run_bench(
                     **common, **spec.overrides, "env": env_id, "seed": seed, "out": str(run_out),
                     "steps": math.ceil(rollouts / per_step), "max_rollouts": rollouts,
                 }  # fmt: skip
+                done = run_out / "result.json"
+                if done.is_file():  # finished in an earlier invocation: a bench resumes across sessions
+                    entries.append(json.loads(done.read_text()))
+                    continue
                 config = _config_for(spec.cls, fields)
                 key = str(run_out)
+                resume = RunDir(run_out).holds_run
+                # Steps before an interruption were counted by the earlier process; its checkpoint holds them.
+                before = _checkpointed_rollouts(run_out) if resume else 0
                 with counting_steps(env_id, key):
-                    result = spec.cls(config).run(progress=progress)
-                steps = StepCounter.counts.pop(key, 0)
+                    result = spec.cls(config).run(progress=progress, **({"resume": True} if resume else {}))
+                steps = StepCounter.counts.pop(key, 0) + before
                 if steps > rollouts:
                     raise ValueError(f"{spec.label} took {steps} env steps on {env_id}, over the budget of {rollouts}")
                 entry = {
@@ -167,6 +175,12 @@ def run_bench(
                 write_json(run_out / "result.json", entry)
                 entries.append(entry)
     return entries
+
+
+def _checkpointed_rollouts(run_out: Path) -> int:
+    """Rollouts of the steps an interrupted run committed (a step in flight is redone on resume)."""
+    path = run_out / "checkpoint.json"
+    return int(read_json(path)["rollouts"]) if path.is_file() else 0
 
 
 def _config_for(agent_cls: type[Agent], fields: dict[str, Any]) -> AgentConfig:

@@ -138,3 +138,25 @@ def test_bench_command_line_takes_a_config_file_for_every_agents_knobs(tmp_path,
     with pytest.raises(SystemExit):
         main(args)
     assert "learning_rate" in capsys.readouterr().err
+
+
+def test_an_interrupted_bench_resumes_its_unfinished_runs_and_skips_finished_ones(tiny_model_dir, tmp_path):
+    from discover_agent.agents import BestOfN
+    from discover_agent.bench import slug
+
+    common = {"model": str(tiny_model_dir), "env_kwargs": {"n": 3}, "groups": 1, "group_size": 2,
+              "max_new_tokens": 40, "device": "cpu"}  # fmt: skip
+    run_out = tmp_path / "runs" / slug(ENV) / "best-of-n" / "seed0"
+    # A bench process that died after its first step of two: the run folder holds one committed step.
+    BestOfN(AgentConfig(**common, env=ENV, seed=0, out=str(run_out), steps=2, max_rollouts=2)).run(progress=False)
+
+    (entry,) = run_bench([ENV], ["best-of-n"], rollouts=4, seeds=[0], out=tmp_path / "runs", common=common,
+                         progress=False)  # fmt: skip
+    assert entry["rollouts"] == 4  # 2 counted by the earlier process (its checkpoint) + 2 counted now
+    rows = [json.loads(line) for line in (run_out / "rollouts.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 0, 1, 1]
+
+    stamp = (run_out / "result.json").stat().st_mtime_ns
+    (again,) = run_bench([ENV], ["best-of-n"], rollouts=4, seeds=[0], out=tmp_path / "runs", common=common,
+                         progress=False)  # fmt: skip
+    assert again == json.loads(json.dumps(entry)) and (run_out / "result.json").stat().st_mtime_ns == stamp
