@@ -51,9 +51,9 @@ class _MaskRecorder(LogitsProcessor):
         return scores
 
 
-def _sample(model, tokenizer, constraint, n: int, seed: int = 0, recorder=None) -> list[list[int]]:
-    """`n` constrained completions (up to and including EOS) from left-padded prompts of varied lengths."""
-    prompts = [tokenizer(f"{'give numbers ' * (1 + i % 4)}{constraint.prefix}")["input_ids"] for i in range(n)]
+def _draw(model, tokenizer, constraint, n, seed, recorder, repeats, **sampling) -> list[list[int]]:
+    """`n` rows of generated ids under `constraint` from left-padded prompts of `repeats` varied lengths."""
+    prompts = [tokenizer(f"{'give numbers ' * (1 + i % repeats)}{constraint.prefix}")["input_ids"] for i in range(n)]
     width = max(len(p) for p in prompts)
     input_ids = torch.full((n, width), tokenizer.pad_token_id)
     attention = torch.zeros((n, width), dtype=torch.long)
@@ -69,14 +69,18 @@ def _sample(model, tokenizer, constraint, n: int, seed: int = 0, recorder=None) 
         attention_mask=attention,
         do_sample=True,
         temperature=1.3,
-        top_p=0.95,
-        max_new_tokens=200,
         logits_processor=processors,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **sampling,
     )
+    return out[:, width:].tolist()
+
+
+def _sample(model, tokenizer, constraint, n: int, seed: int = 0, recorder=None) -> list[list[int]]:
+    """`n` constrained completions (up to and including EOS) from left-padded prompts of varied lengths."""
     completions = []
-    for row in out[:, width:].tolist():
+    for row in _draw(model, tokenizer, constraint, n, seed, recorder, 4, top_p=0.95, max_new_tokens=200):
         assert tokenizer.eos_token_id in row, f"generation hit max_new_tokens: {tokenizer.decode(row)!r}"
         completions.append(row[: row.index(tokenizer.eos_token_id) + 1])
     return completions
@@ -287,29 +291,9 @@ CPU_ENVS = sorted(CPU_PRESETS)
 
 def _sample_budget(model, tokenizer, constraint, n: int, seed: int = 0, recorder=None) -> list[list[int]]:
     """`n` completions drawn under `constraint`'s budget: `generate` stops at EOS or at max_new_tokens."""
-    prompts = [tokenizer(f"{'give numbers ' * (1 + i % 3)}{constraint.prefix}")["input_ids"] for i in range(n)]
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((n, width), tokenizer.pad_token_id)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    for i, ids in enumerate(prompts):
-        input_ids[i, width - len(ids) :] = torch.tensor(ids)
-        attention[i, width - len(ids) :] = 1
-    processors = LogitsProcessorList([constraint.logits_processor(width)])
-    if recorder is not None:
-        processors.append(recorder)
-    torch.manual_seed(seed)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention,
-        do_sample=True,
-        temperature=1.3,
-        max_new_tokens=constraint.max_new_tokens,
-        logits_processor=processors,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    rows = out[:, width:].tolist()
-    return [row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row for row in rows]
+    rows = _draw(model, tokenizer, constraint, n, seed, recorder, 3, max_new_tokens=constraint.max_new_tokens)
+    eos = tokenizer.eos_token_id
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
 def _shortest_by_search(constraint: JsonArrayConstraint) -> int:

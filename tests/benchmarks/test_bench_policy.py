@@ -19,19 +19,11 @@ import discover_envs  # noqa: F401 - registers the env ids
 from discover_agent.policy import LocalPolicy, PolicyConfig, Sample
 from discover_agent.trainer import Trainer, TrainerConfig
 
-pytestmark = pytest.mark.embedded
+pytestmark = [pytest.mark.embedded, pytest.mark.usefixtures("only_when_benchmarking")]
 
 TOKENS = int(os.environ.get("DISCOVER_BENCH_TOKENS", "32"))
 ROUNDS = int(os.environ.get("DISCOVER_BENCH_ROUNDS", "2"))
 SHAPES = {"2x4": (2, 4), "1x8": (1, 8)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def only_when_benchmarking(request):
-    """Module-wide, so a plain `pytest` run skips before loading the model."""
-    options = request.config.getoption
-    if options("benchmark_disable") and not options("benchmark_enable"):
-        pytest.skip("a speed benchmark on the embedded model; run with --benchmark-enable")
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,12 @@ import discover_envs  # noqa: F401 - registers the env ids
 from discover_agent.agents import TTTDiscover, build_policy, construction_spec
 from discover_agent.config import TTTConfig
 
-pytestmark = pytest.mark.embedded
+pytestmark = [pytest.mark.embedded, pytest.mark.usefixtures("only_when_benchmarking")]
 
 ENV = "discover/ErdosMinOverlap-v0"
 ROUNDS = int(os.environ.get("DISCOVER_BENCH_ROUNDS", "2"))
 #: The TTT step's mean time and tokens, read by the `generate` benchmark that follows it.
 MEASURED: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def only_when_benchmarking(request):
-    """Module-wide, so a plain `pytest` run skips before loading the model."""
-    options = request.config.getoption
-    if options("benchmark_disable") and not options("benchmark_enable"):
-        pytest.skip("a speed benchmark on the embedded model; run with --benchmark-enable")
 
 
 @pytest.fixture(scope="module")
