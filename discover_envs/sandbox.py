@@ -23,7 +23,7 @@ the run's folder is handed to that uid. Modes, reported as `mode` (and by `isola
   then the code runs as root. Without the opt-in a root parent refuses to run candidate code
   (`IsolationUnavailable`).
 
-Per-run limits: where a writable cgroup hierarchy exists (v1 `memory` + `pids`, or v2 with both), each run
+Per-run limits (`cgroup.py`): where a writable cgroup hierarchy exists (v1 `memory` + `pids`, or v2 with both), each run
 gets its own cgroup holding all its processes (`memory_mb` in total, `processes` tasks), killed and removed
 afterwards. Without it, memory is bounded per process only, and tasks by RLIMIT_NPROC of the dropped uid.
 
@@ -48,7 +48,6 @@ import math
 import os
 import secrets
 import select
-import shlex
 import shutil
 import signal
 import stat
@@ -63,6 +62,8 @@ from pathlib import Path, PurePath
 from typing import IO, Any
 
 import numpy as np
+
+from discover_envs.cgroup import RunCgroup, cgroup_kind, cgroup_parents
 
 __all__ = [
     "IsolationUnavailable",
@@ -330,7 +331,7 @@ def isolation_report(limits: SandboxLimits | None = None) -> dict[str, Any]:
     except IsolationUnavailable as exc:
         return {"mode": "refused", "reason": str(exc)}
     bwrap = mode == "bwrap"
-    cgroup = _cgroup_kind()
+    cgroup = cgroup_kind()
     drop = _drops(mode)
     return {
         "mode": mode,
@@ -373,127 +374,6 @@ def _child_env(workdir: str, threads: int, token: str, drop: bool) -> dict[str, 
         if var in os.environ:
             env[var] = os.environ[var]
     return env
-
-
-# -- per-run cgroups ------------------------------------------------------------------------------------------
-
-
-@cache
-def _cgroup_parents() -> tuple[tuple[str, str], ...]:
-    """(kind, folder to create run cgroups in) per controller: v1 memory and pids, or one v2 folder; () if none
-    is writable here. Run cgroups go below this process's own, so its limits still apply to them."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return ()
-    own = {}
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        for controller in controllers.split(",") if controllers else ["unified"]:
-            own[controller] = path
-    root = Path("/sys/fs/cgroup")
-    if "memory" in own and "pids" in own:
-        controllers = ("memory", "pids", "cpuacct") if "cpuacct" in own else ("memory", "pids")
-        parents = tuple(("v1", str(root / c / own[c].lstrip("/"))) for c in controllers)
-    elif "unified" in own and (root / "cgroup.controllers").exists():
-        parents = (("v2", str(root / own["unified"].lstrip("/"))),)
-    else:
-        return ()
-    probe = [(kind, os.path.join(folder, f"discover-probe-{secrets.token_hex(4)}")) for kind, folder in parents]
-    try:
-        for kind, folder in probe:
-            os.mkdir(folder)
-            wanted = (
-                ("memory.limit_in_bytes", "pids.max", "cpuacct.usage") if kind == "v1" else ("memory.max", "pids.max")
-            )
-            if not any(os.path.exists(os.path.join(folder, name)) for name in wanted):
-                return ()
-            if kind == "v2" and not all(os.path.exists(os.path.join(folder, name)) for name in wanted):
-                return ()
-    except OSError:
-        return ()
-    finally:
-        for _, folder in probe:
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-    return parents
-
-
-def _cgroup_kind() -> str | None:
-    parents = _cgroup_parents()
-    return parents[0][0] if parents else None
-
-
-class _RunCgroup:
-    """The cgroup(s) of one run: memory and task limits for everything the run starts, and a list of it."""
-
-    def __init__(self, limits: SandboxLimits, token: str) -> None:
-        self.folders: list[str] = []
-        memory, tasks = str(limits.memory_mb << 20), str(limits.processes)
-        for _, parent in _cgroup_parents():
-            folder = os.path.join(parent, f"discover-{token}")
-            os.mkdir(folder)
-            self.folders.append(folder)
-            for name, value in (
-                ("memory.limit_in_bytes", memory), ("memory.memsw.limit_in_bytes", memory),
-                ("memory.max", memory), ("memory.swap.max", "0"), ("pids.max", tasks),
-            ):  # fmt: skip
-                path = os.path.join(folder, name)
-                if os.path.exists(path):
-                    Path(path).write_text(value)
-        self.kind = _cgroup_kind()
-
-    def wrap(self, command: list[str]) -> list[str]:
-        """`command` started by a shell that first moves itself into the cgroup(s), so nothing escapes them."""
-        moves = " && ".join(f"echo $$ > {shlex.quote(os.path.join(f, 'cgroup.procs'))}" for f in self.folders)
-        return ["/bin/sh", "-c", f'{moves} && exec "$@"', "sh", *command]
-
-    def kill_all(self) -> None:
-        for _ in range(_SWEEP_ROUNDS):
-            pids = {int(p) for f in self.folders for p in _read_text(os.path.join(f, "cgroup.procs")).split()}
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.001)
-
-    def cpu_s(self) -> float | None:
-        """CPU seconds of every task the run had, reaped or killed (None without a CPU controller)."""
-        for folder in self.folders:
-            usage = _read_text(os.path.join(folder, "cpuacct.usage")).strip()
-            if usage:
-                return int(usage) / 1e9
-            for line in _read_text(os.path.join(folder, "cpu.stat")).splitlines():
-                if line.startswith("usage_usec "):
-                    return int(line.split()[1]) / 1e6
-        return None
-
-    def oom_killed(self) -> bool:
-        for folder in self.folders:
-            for name in ("memory.oom_control", "memory.events"):
-                for line in _read_text(os.path.join(folder, name)).splitlines():
-                    if line.startswith("oom_kill ") and int(line.split()[1]) > 0:
-                        return True
-        return False
-
-    def remove(self) -> None:
-        for folder in self.folders:
-            for _ in range(200):  # the last tasks leave a moment after they are reaped
-                try:
-                    os.rmdir(folder)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.005)
-
-
-def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
 
 
 # -- running ----------------------------------------------------------------------------------------------------
@@ -562,7 +442,7 @@ def _run(
     drop = _drops(mode)
     if drop:
         os.chown(work, UNPRIVILEGED_ID, UNPRIVILEGED_ID)
-    cgroup = _RunCgroup(limits, token) if _cgroup_parents() else None
+    cgroup = RunCgroup(limits.memory_mb, limits.processes, token) if cgroup_parents() else None
     try:
         nproc = 0 if cgroup or not drop else limits.processes
         runner_arg = limits._runner_arg(drop, nproc, 0 if mode == "bwrap" else os.getpid())
@@ -583,7 +463,7 @@ def _spawn(
     work: str,
     stdin: bytes,
     token: str,
-    cgroup: _RunCgroup | None,
+    cgroup: RunCgroup | None,
     *,
     stdout_cap: int,
     tail: bool,

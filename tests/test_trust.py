@@ -26,15 +26,14 @@ import pytest
 
 import discover_envs
 from discover_envs import sandbox
+from discover_envs.cgroup import cgroup_parents
 from discover_envs.env import MAX_TEXT, DiscoverEnv
 from discover_envs.problem import Evaluation, Problem, extract_block
 from discover_envs.sandbox import SandboxLimits, bwrap_available, run_function, run_program
 
 needs_bwrap = pytest.mark.skipif(not bwrap_available(), reason="bubblewrap cannot run here")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the privilege drop only happens under root")
-needs_cgroup = pytest.mark.skipif(
-    not getattr(sandbox, "_cgroup_parents", lambda: ())(), reason="no writable cgroup hierarchy here"
-)
+needs_cgroup = pytest.mark.skipif(not cgroup_parents(), reason="no writable cgroup hierarchy here")
 
 
 def attack(code: str, **limits) -> sandbox.SandboxResult:
@@ -311,7 +310,7 @@ def test_cpu_time_of_the_run_is_measured():
         SandboxLimits(timeout_s=20.0, unsafe_no_isolation=True),
     )
     assert result.returncode == 0, result.stderr
-    if result.mode == "bwrap" and not sandbox._cgroup_parents():
+    if result.mode == "bwrap" and not cgroup_parents():
         assert math.isnan(result.cpu_s)  # unknown rather than wrong: bwrap does not reap its namespace's init
     else:
         assert 0.35 <= result.cpu_s <= result.wall_s + 0.5
