@@ -178,6 +178,9 @@ class SearchAgent(Agent):
         config.json must match this config except for `RESUME_OVERRIDES`."""
         cfg = self.config
         env = open_env(cfg.env, cfg.resolved_env_kwargs())
+        pinned = env.metadata.get("pinned_kwargs") or {}
+        if pinned and not resume:  # evaluators and a resumed run must build the same env (e.g. one secret split)
+            cfg = self.config = dataclasses.replace(cfg, env_kwargs={**cfg.given_env_kwargs(), **pinned})
         self._spec = construction_spec(env) if cfg.constrained else None
         _ = self.policy  # built here, so a bad --model fails before the run folder is touched
         run_dir = RunDir(cfg.out)

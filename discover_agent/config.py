@@ -118,8 +118,12 @@ class AgentConfig:
         if self.env_kwargs is not None and not isinstance(self.env_kwargs, dict):
             raise ConfigError(f"env_kwargs must be a JSON object, got {self.env_kwargs!r}", "env_kwargs")
 
+    def given_env_kwargs(self) -> dict[str, Any]:
+        """--env-kwargs, or the env's CPU preset when none were given."""
+        return dict(CPU_PRESETS.get(self.env, {}) if self.env_kwargs is None else self.env_kwargs)
+
     def resolved_env_kwargs(self) -> dict[str, Any]:
-        kwargs = dict(CPU_PRESETS.get(self.env, {}) if self.env_kwargs is None else self.env_kwargs)
+        kwargs = self.given_env_kwargs()
         return {**kwargs, "unsafe_no_isolation": True} if self.unsafe_no_isolation else kwargs
 
     def to_dict(self) -> dict[str, Any]:

@@ -48,7 +48,8 @@ class DiscoverEnv(gym.Env[str, str]):
 
     `metadata` carries what an agent may use beyond the Gymnasium API (see the README's agent contract):
     `higher_is_better` and `score_name` of the problem's figure, `construction_spec` (None for code-only
-    tasks) for constrained decoding, and `sandbox`, the isolation candidate code gets here (for run records).
+    tasks) for constrained decoding, `sandbox`, the isolation candidate code gets here (for run records), and
+    `pinned_kwargs`, arguments this instance drew itself (a secret seed) that agents pin in the run's config.
     `render_mode="ansi"`: `render()` returns the current state as text.
     `unsafe_no_isolation=True` lets candidate code run without a namespace sandbox where bubblewrap cannot
     (a root parent refuses otherwise; see `discover_envs.sandbox`); it holds for the whole process.
@@ -64,13 +65,16 @@ class DiscoverEnv(gym.Env[str, str]):
         if problem_kwargs.pop("unsafe_no_isolation", False):
             allow_unsafe_no_isolation()  # process-wide: see `discover_envs.sandbox`
         self.problem = load_problem(problem, problem_kwargs)
-        self._key = f"{problem}:{sorted(problem_kwargs.items())!r}"
+        pinned = self.problem.pinned_kwargs()
+        # Two instances that drew different secrets (e.g. Denoising's split) must not share verified states.
+        self._key = f"{problem}:{sorted({**problem_kwargs, **pinned}.items())!r}"
         self.metadata = {
             **type(self).metadata,
             "higher_is_better": self.problem.higher_is_better,
             "score_name": getattr(self.problem, "figure", "score"),
             "construction_spec": self.construction_spec,
             "sandbox": isolation_report(self.problem.limits),
+            "pinned_kwargs": pinned,
         }
         self.observation_space = spaces.Text(max_length=MAX_TEXT, min_length=1, charset=CHARSET)
         self.action_space = spaces.Text(max_length=MAX_TEXT, min_length=0, charset=CHARSET)

@@ -148,6 +148,12 @@ class Problem(ABC):
     def render_state(self, state: dict[str, Any]) -> str:
         """The start-state section of the prompt (construction and/or code, and its score)."""
 
+    def pinned_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments this instance drew itself (e.g. a secret seed) that another instance needs to
+        score states the same way: agents pin them in the run's config, so evaluators and a resumed run agree.
+        Most problems draw nothing: {}."""
+        return {}
+
     def reward(self, score: float) -> float:
         """Map the problem's figure to a reward where higher is better: the figure itself, or for problems
         that minimise a positive bound its reciprocal (as TTT-Discover does), so `failure_reward` = 0 sits

@@ -14,7 +14,7 @@ import toy_env  # noqa: F401 - registers toy/Guess-v0
 from safetensors.torch import load_file
 
 from discover_agent.agents import AGENTS, BestOfN, PUCTSearch, RunResult, TTTDiscover, _lineage, build_trainer
-from discover_agent.config import AgentConfig, TTTConfig
+from discover_agent.config import AgentConfig, TTTConfig, load_run_config
 from discover_agent.policy import Policy, PolicyConfig, Sample
 from discover_agent.rundir import RunDir, RunDirError
 from discover_agent.storage import CorruptFile, read_jsonl
@@ -353,3 +353,16 @@ def test_reply_budget_defaults_to_the_construction_spec_unless_set(tiny_model_di
     assert auto.config.max_new_tokens == default_max_new_tokens(spec)
     fixed = build_policy(AgentConfig(model=str(tiny_model_dir), device="cpu", max_new_tokens=7), False, spec)
     assert fixed.config.max_new_tokens == 7
+
+
+def test_a_secret_an_env_draws_is_pinned_in_the_config_so_a_resumed_run_verifies_its_states(tmp_path):
+    import secret_problem  # noqa: F401 - registers test/Secret-v0
+
+    cfg = AgentConfig(env="test/Secret-v0", steps=1, groups=1, group_size=2, out=str(tmp_path / "run"))
+    BestOfN(cfg, policy=EchoPolicy([1.0, 1.0, 0.5])).run(progress=False)
+    _, saved = load_run_config(tmp_path / "run" / "config.json")  # what `discover resume` starts from
+    assert isinstance(saved.env_kwargs["secret"], int)
+
+    resumed = dataclasses.replace(saved, steps=2)
+    result = BestOfN(resumed, policy=EchoPolicy([1.0, 1.0, 1.0])).run(progress=False, resume=True)
+    assert result.steps == 2 and result.best["construction"] == [1.0, 1.0, 1.0]

@@ -256,7 +256,8 @@ class Denoising(Problem):
     A state is the code and its score (construction is None). `rescore` re-runs the code in the sandbox on
     this instance's split and recomputes the score (the env skips this for states it verified itself in this
     process), so only deterministic code (seeded randomness) restarts, and only on the same split: a new
-    process restarts a saved state only when given the same `split_seed`. The score must match to a relative
+    process restarts a saved state only when given the same `split_seed` (agents pin it in the run's config:
+    `pinned_kwargs`). The score must match to a relative
     `score_rtol` = 1e-6, room for BLAS differences between machines (one machine, one thread: exact).
 
     ## Published figures (OpenProblems pancreas; not this data, so not comparable one to one)
@@ -431,6 +432,11 @@ class Denoising(Problem):
         code = block[1]
         score, details = self.run_code(code)
         return Evaluation(score=score, reward=self.reward(score), code=code, details=details)
+
+    def pinned_kwargs(self) -> dict[str, Any]:
+        """The split seed (secret from the candidate, not from the run's own config), so every env of a run and a
+        resumed run score on one split."""
+        return {"split_seed": self.split_seed}
 
     def rescore(self, state: dict[str, Any]) -> float:
         code = state.get("code")
