@@ -52,7 +52,7 @@ class StepProgress:
     def phase(self, name: str, total: int | None, unit: str) -> None:
         self.bar.reset(total=total)
         self.bar.unit = unit
-        self.bar.set_description(name)
+        self.bar.set_description_str(name)
 
     def tick(self, n: int = 1) -> None:
         self.bar.update(n)
