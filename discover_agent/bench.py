@@ -64,6 +64,16 @@ class AgentSpec:
 
     @classmethod
     def parse(cls, text: str) -> AgentSpec:
+        """`NAME[key=value,...]` sets config fields of that agent only (e.g. a learning-rate sweep in one bench,
+        `ttt[lr=3e-4],ttt[lr=1e-3]`); the whole text is the entry's label."""
+        if text.endswith("]") and "[" in text:
+            base, _, fields = text[:-1].partition("[")
+            spec = cls.parse(base)
+            overrides = dict(_override(item, text) for item in fields.split(",") if item.strip())
+            unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(spec.cls.config_class)})
+            if unknown:
+                raise ValueError(f"{text!r}: {spec.cls.config_class.__name__} has no field(s) {unknown}")
+            return cls(text, spec.cls, {**spec.overrides, **overrides})
         if text in AGENTS:
             return cls(text, AGENTS[text], {})
         if text == "openevolve":
@@ -85,6 +95,17 @@ class AgentSpec:
         if not (isinstance(agent_cls, type) and issubclass(agent_cls, Agent)):
             raise ValueError(f"{text!r} is not a subclass of discover_agent.agents.Agent")
         return cls(text, agent_cls, {})
+
+
+def _override(item: str, text: str) -> tuple[str, Any]:
+    """One `key=value` of an agent spec; the value is read as JSON where it parses (numbers, booleans)."""
+    key, sep, value = item.partition("=")
+    if not (sep and key.strip()):
+        raise ValueError(f"{text!r}: write agent fields as NAME[key=value,...], got {item!r}")
+    try:
+        return key.strip().replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip().replace("-", "_"), value.strip()
 
 
 class StepCounter(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -170,11 +191,17 @@ def run_bench(
                     "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "command": _command(env_id, spec.label, rollouts, seed, common, out),
                     "best_state_file": str(run_out / "best.json"), "env_kwargs": config.resolved_env_kwargs(),
-                    "curve": result.curve,
+                    "curve": result.curve, "mean_reward_per_step": _mean_rewards(run_out),
                 }  # fmt: skip
                 write_json(run_out / "result.json", entry)
                 entries.append(entry)
     return entries
+
+
+def _mean_rewards(run_out: Path) -> list[float]:
+    """The learning curve of a run that keeps the shared run folder (mean reward of each step), else []."""
+    path = run_out / "checkpoint.json"
+    return [float(row["mean_reward"]) for row in read_json(path)["metrics"]] if path.is_file() else []
 
 
 def _checkpointed_rollouts(run_out: Path) -> int:

@@ -47,23 +47,38 @@ def plot_progress(rollouts: list[dict[str, Any]], path: Path, title: str, score_
 
 
 def plot_leaderboard(entries: list[dict[str, Any]], path: Path, title: str, score_name: str) -> None:
-    """Best score against rollouts, one line per agent (mean over seeds), seeds' min-max as a band."""
-    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    by_agent: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
+    """Best score against rollouts, and mean reward per step (the learning curve) where runs logged it: one line
+    per agent (mean over seeds), the seeds' min-max as a band."""
+    best: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
+    learning: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
     for entry in entries:
-        curve = entry.get("curve") or []
-        if curve:
-            by_agent[entry["agent"]].append([(int(x), float(y)) for x, y in curve])
-    for agent, curves in sorted(by_agent.items()):
-        grid = sorted({x for curve in curves for x, _ in curve})
-        values = np.array([[_value_at(curve, x) for x in grid] for curve in curves])
-        mean = np.nanmean(values, axis=0)
-        line = ax.plot(grid, mean, label=f"{agent} (n={len(curves)})", drawstyle="steps-post", marker="o")[0]
-        if len(curves) > 1:
-            low, high = np.nanmin(values, 0), np.nanmax(values, 0)
-            ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2, step="post")
-    ax.set(xlabel="rollouts", ylabel=score_name, title=title)
-    ax.legend()
+        if entry.get("curve"):
+            best[entry["agent"]].append([(int(x), float(y)) for x, y in entry["curve"]])
+        if entry.get("mean_reward_per_step"):
+            learning[entry["agent"]].append(list(enumerate(map(float, entry["mean_reward_per_step"]))))
+    # Best-so-far is a step function of rollouts; a step's mean reward is one point per step.
+    panels = [
+        (best, "rollouts", f"best {score_name}", "steps-post"),
+        (learning, "step", "mean reward of the step", "default"),
+    ]
+    panels = [panel for panel in panels if panel[0]] or panels[:1]
+    colours = {agent: f"C{i}" for i, agent in enumerate(sorted({*best, *learning}))}  # one colour per agent
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), constrained_layout=True, squeeze=False)
+    for ax, (curves_by_agent, xlabel, ylabel, style) in zip(axes[0], panels, strict=True):
+        for agent, curves in sorted(curves_by_agent.items()):
+            grid = sorted({x for curve in curves for x, _ in curve})
+            values = np.array([[_value_at(curve, x) for x in grid] for curve in curves])
+            mean = np.nanmean(values, axis=0)
+            colour = colours[agent]
+            ax.plot(grid, mean, label=f"{agent} (n={len(curves)})", drawstyle=style, marker="o", color=colour)
+            if len(curves) > 1:
+                low, high = np.nanmin(values, 0), np.nanmax(values, 0)
+                step = "post" if style == "steps-post" else None
+                ax.fill_between(grid, low, high, color=colour, alpha=0.2, step=step)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+    fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

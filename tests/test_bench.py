@@ -160,3 +160,27 @@ def test_an_interrupted_bench_resumes_its_unfinished_runs_and_skips_finished_one
     (again,) = run_bench([ENV], ["best-of-n"], rollouts=4, seeds=[0], out=tmp_path / "runs", common=common,
                          progress=False)  # fmt: skip
     assert again == json.loads(json.dumps(entry)) and (run_out / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_agent_fields_in_brackets_make_one_bench_compare_settings(tiny_model_dir, tmp_path):
+    spec = AgentSpec.parse("ttt[lr=3e-4,kl-coef=0,baseline=mean]")
+    assert spec.label == "ttt[lr=3e-4,kl-coef=0,baseline=mean]"
+    assert spec.overrides == {"lr": 3e-4, "kl_coef": 0, "baseline": "mean"}
+    with pytest.raises(ValueError, match="no field"):
+        AgentSpec.parse("best-of-n[lr=1e-3]")  # best-of-n does not train
+    with pytest.raises(ValueError, match="key=value"):
+        AgentSpec.parse("ttt[lr]")
+
+    common = {"model": str(tiny_model_dir), "env_kwargs": {"n": 3}, "groups": 1, "group_size": 2,
+              "max_new_tokens": 40, "device": "cpu"}  # fmt: skip
+    agents = ["best-of-n[temperature=0.5]", "best-of-n"]
+    entries = run_bench([ENV], agents, rollouts=4, seeds=[0], out=tmp_path / "runs", common=common, progress=False)
+    assert [e["agent"] for e in entries] == agents
+    assert all(len(e["mean_reward_per_step"]) == 2 for e in entries)  # the learning curve, one value a step
+    config = json.loads((tmp_path / "runs" / "AC1-v0" / agents[0] / "seed0" / "config.json").read_text())
+    assert json.dumps(config).count('"temperature": 0.5') == 1
+    assert "--agents 'best-of-n[temperature=0.5]'" in entries[0]["command"]
+
+    write_leaderboards(tmp_path / "runs", tmp_path / "leaderboards")
+    table = (tmp_path / "leaderboards" / "AC1-v0.md").read_text()
+    assert "| best-of-n[temperature=0.5] |" in table and "| best-of-n |" in table
