@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from procs import processes_with
 
 from discover_envs import sandbox
 from discover_envs.sandbox import GRACE_S, SandboxLimits, bwrap_available, run_function, run_program
@@ -36,19 +37,6 @@ def expected_mode(isolation: str) -> str:
     if os.geteuid() != 0:
         return "rlimits"
     return "unsafe-none" if sandbox._open_to_others() else "unsafe-root"
-
-
-def processes_with(marker: str) -> list[int]:
-    """Live processes whose command line holds `marker` (zombies have an empty command line)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if marker.encode() in Path(f"/proc/{name}/cmdline").read_bytes():
-                    found.append(int(name))
-            except OSError:
-                pass
-    return found
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+from procs import processes_with
 
 import discover_envs
 from discover_envs import sandbox
@@ -196,37 +197,25 @@ def test_the_run_dies_with_a_killed_agent(tmp_path):
     proc = subprocess.Popen([sys.executable, str(agent)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
-        while not _processes_with(marker) and time.monotonic() < deadline:
+        while not processes_with(marker) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _processes_with(marker), f"the sandboxed sleeper never started: {_output(proc)}"
+        assert processes_with(marker), f"the sandboxed sleeper never started: {_output(proc)}"
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 5
-        while _processes_with(marker) and time.monotonic() < deadline:
+        while processes_with(marker) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _processes_with(marker) == []
+        assert processes_with(marker) == []
     finally:
         proc.kill()
         proc.communicate()
-        for pid in _processes_with(marker):
+        for pid in processes_with(marker):
             os.kill(pid, 9)
 
 
 def _output(proc: subprocess.Popen) -> str:
     proc.kill()
     return proc.communicate()[0].decode(errors="replace")
-
-
-def _processes_with(marker: str) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and name != str(os.getpid()):
-            try:
-                if marker.encode() in Path(f"/proc/{name}/cmdline").read_bytes():
-                    found.append(int(name))
-            except OSError:
-                pass
-    return found
 
 
 # -- limits of the whole run -------------------------------------------------------------------------------------
