@@ -138,19 +138,11 @@ def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys):
     assert "config.json" in one_error_line(capsys, "resume")
 
 
-def test_resume_with_a_malformed_config_names_the_file(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize(("name", "text"), [("config.json", '{"agent": "ttt", '), ("checkpoint.json", "[")])
+def test_resume_with_a_malformed_run_file_names_the_file(tiny_model_dir, tmp_path, capsys, name, text):
     out = tmp_path / "run"
     assert main(run_args(tiny_model_dir, out)) == 0
     capsys.readouterr()
-    (out / "config.json").write_text('{"agent": "ttt", ')
+    (out / name).write_text(text)
     assert exit_code(["resume", str(out), "--steps", "2"]) == 2
-    assert "config.json is not valid JSON" in one_error_line(capsys, "resume")
-
-
-def test_resume_with_a_malformed_checkpoint_names_the_file(tiny_model_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(run_args(tiny_model_dir, out)) == 0
-    capsys.readouterr()
-    (out / "checkpoint.json").write_text("[")
-    assert exit_code(["resume", str(out), "--steps", "2"]) == 2
-    assert "checkpoint.json is not valid JSON" in one_error_line(capsys, "resume")
+    assert f"{name} is not valid JSON" in one_error_line(capsys, "resume")
