@@ -275,8 +275,9 @@ def _table(env_id: str, entries: list[dict[str, Any]], higher_is_better: bool, f
         "",
         f"{figure}; env arguments {entries[0].get('env_kwargs') or {}}; model {entries[0]['model']}.",
         "",
-        "| agent | rollouts | seeds | best score (mean ± std) | best of seeds | valid runs | wall s (mean) |",
-        "|---|---|---|---|---|---|---|",
+        "| agent | rollouts | seeds | best score (mean ± std) | best of seeds | valid runs | wall s (mean) "
+        "| mean reward, first → last quarter of steps (Δ mean ± std) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     ranked = sorted(groups.items(), key=lambda kv: _mean_score(kv[1], higher_is_better))
     for (agent, rollouts), runs in ranked:
@@ -285,13 +286,28 @@ def _table(env_id: str, entries: list[dict[str, Any]], higher_is_better: bool, f
         best = f"{pick(scores):.8g}" if scores.size else "-"
         wall = np.mean([r["wall_s"] for r in runs])
         seeds = ",".join(str(r["seed"]) for r in runs)
-        lines.append(f"| {agent} | {rollouts} | {seeds} | {stat} | {best} | {scores.size}/{len(runs)} | {wall:.0f} |")
+        lines.append(
+            f"| {agent} | {rollouts} | {seeds} | {stat} | {best} | {scores.size}/{len(runs)} | {wall:.0f} "
+            f"| {_learning(runs)} |"
+        )
     refs = REFERENCES.get(env_id)
     if refs:
         lines += ["", "Published figures on the full-size problem, for context only:", ""]
         lines += [f"- {who}: {value}" for who, value in refs]
     lines += ["", "Reproduce a row with the `command` field of its entry in the JSON file.", ""]
     return "\n".join(lines)
+
+
+def _learning(runs: list[dict[str, Any]]) -> str:
+    """Did the step's mean reward rise within a run? Mean over seeds of the first and the last quarter of its
+    steps, and their paired difference (mean ± std over seeds); "-" for runs that logged no learning curve."""
+    curves = [r["mean_reward_per_step"] for r in runs if len(r.get("mean_reward_per_step") or []) >= 2]
+    if not curves:
+        return "-"
+    first = np.array([np.mean(c[: max(1, len(c) // 4)]) for c in curves])
+    last = np.array([np.mean(c[-max(1, len(c) // 4) :]) for c in curves])
+    delta = last - first
+    return f"{first.mean():.4g} → {last.mean():.4g} ({delta.mean():+.3g} ± {delta.std():.2g})"
 
 
 def _mean_score(runs: list[dict[str, Any]], higher_is_better: bool) -> float:

@@ -12,6 +12,7 @@ from discover_agent.agents import Agent, RunResult
 from discover_agent.bench import AgentSpec, run_bench, write_leaderboards
 from discover_agent.cli import main
 from discover_agent.config import AgentConfig
+from discover_agent.storage import write_json
 
 ENV = "discover/AC1-v0"
 
@@ -115,6 +116,22 @@ def test_agent_specs_parse_builtin_endpoint_and_import_path():
 def test_budget_smaller_than_one_step_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="less than one step"):
         run_bench([ENV], ["puct"], rollouts=3, seeds=[0], out=tmp_path, common={"groups": 2, "group_size": 2})
+
+
+def test_leaderboard_table_says_whether_the_mean_reward_rose_within_runs(tmp_path):
+    def entry(agent, seed, curve):
+        return {"env": ENV, "agent": agent, "model": "m", "rollouts": 8, "seed": seed, "best_score": 1.5,
+                "wall_s": 1.0, "env_kwargs": {"n": 3}, "curve": [[8, 1.5]], "mean_reward_per_step": curve}  # fmt: skip
+
+    runs = {("ttt", 0): [1.0, 1.0, 2.0, 3.0, 3.0, 3.0, 4.0, 5.0], ("ttt", 1): [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 4.0],
+            ("best-of-n", 0): [], ("best-of-n", 1): []}  # fmt: skip
+    for (agent, seed), curve in runs.items():
+        write_json(tmp_path / "runs" / agent / f"seed{seed}" / "result.json", entry(agent, seed, curve))
+    write_leaderboards(tmp_path / "runs", tmp_path / "lb")
+    rows = {line.split(" | ")[0]: line for line in (tmp_path / "lb" / "AC1-v0.md").read_text().splitlines()}
+    # First and last quarter (2 of 8 steps): seed 0 goes 1.0 -> 4.5, seed 1 2.0 -> 3.0; deltas 3.5 and 1.0.
+    assert rows["| ttt"].endswith("| 1.5 → 3.75 (+2.25 ± 1.2) |")
+    assert rows["| best-of-n"].endswith("| - |")  # no learning curve logged
 
 
 def test_leaderboard_of_an_empty_folder_says_what_to_do(tmp_path):
