@@ -581,6 +581,15 @@ class _ConstraintProcessor(LogitsProcessor):
         self.seen = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        allowed = self.allowed_ids(input_ids)
+        rows, cols = _row_index(allowed).to(scores.device), torch.cat(allowed).to(scores.device)
+        masked = torch.full_like(scores, -math.inf)
+        masked[rows, cols] = scores[rows, cols]
+        return masked
+
+    def allowed_ids(self, input_ids: torch.LongTensor) -> list[torch.Tensor]:
+        """Ids of the tokens each row may take next, after the tokens it generated so far: what `__call__`
+        masks to, for callers that compute only those logits."""
         generated = input_ids.shape[1] - self.prompt_length
         if generated < 0:
             raise ValueError(f"input has {input_ids.shape[1]} tokens, fewer than prompt_length {self.prompt_length}")
@@ -599,11 +608,7 @@ class _ConstraintProcessor(LogitsProcessor):
                         raise ValueError(f"row {row} generated token {token_id}, which the grammar forbids")
                     self.states[row] = after
             self.seen = generated
-        allowed = [self.constraint.allowed_ids(state) for state in self.states]
-        rows, cols = _row_index(allowed).to(scores.device), torch.cat(allowed).to(scores.device)
-        masked = torch.full_like(scores, -math.inf)
-        masked[rows, cols] = scores[rows, cols]
-        return masked
+        return [self.constraint.allowed_ids(state) for state in self.states]
 
 
 def _row_index(ids: list[torch.Tensor]) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -170,6 +171,21 @@ def _json_array_constraint(
     return JsonArrayConstraint(tokenizer, spec, max_new_tokens=max_new_tokens)
 
 
+def _plain_head(model: torch.nn.Module, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor] | None:
+    """(decoder, unembedding weight) when the model's logits are exactly `last hidden state @ weight.T` (Llama,
+    Qwen, Mistral, SmolLM2 ...), checked on two tokens; None where the head has a bias, scales or soft-caps its
+    logits, or carries a LoRA adapter (`lora_lm_head`): those models always compute full logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head, decoder = base.get_output_embeddings(), base.get_decoder()
+    if type(head) is not torch.nn.Linear or head.bias is not None or decoder is None or decoder is base:
+        return None
+    ids = torch.tensor([[0, 1]], device=device)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        own = decoder(input_ids=ids).last_hidden_state @ head.weight.T
+    return (decoder, head.weight) if torch.allclose(full, own, rtol=1e-4, atol=1e-4) else None
+
+
 class _LogProbRecorder(LogitsProcessor):
     """Runs last in `generate`: the scores it sees are exactly those sampled from, so the log-prob of the
     token drawn at step t is read at step t+1 (from `input_ids`) — one [batch, vocab] row kept at a time."""
@@ -223,6 +239,11 @@ class LocalPolicy(Policy):
             _json_array_constraint, max_new_tokens=config.max_new_tokens
         )
         self._constraints: dict[ConstructionSpec, TokenConstraint] = {}
+        self._head = _plain_head(self.model, self.device)
+        #: Keep each sampled prompt's differentiable keys/values for the trainer's next pass (set by `Trainer`).
+        self.keep_prompt_graphs = False
+        self._prompt_graphs: dict[tuple[int, ...], tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[int, ...]]]
+        self._prompt_graphs = {}
         self._calls = 0
         #: Called with the number of rows still generating after each sampled token step (progress display).
         self.progress: Callable[[int], None] | None = None
@@ -274,6 +295,7 @@ class LocalPolicy(Policy):
         seed = int(np.random.SeedSequence([self.config.seed, self._calls]).generate_state(1)[0])
         self._calls += 1
         devices = [self.device] if self.device.type == "cuda" else []
+        self.release_prompt_graphs()
         samples: list[Sample] = []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type), torch.no_grad():
             torch.manual_seed(seed)
@@ -326,9 +348,13 @@ class LocalPolicy(Policy):
         different lengths are left-padded in the cache, as `_generate` pads them.
         """
         width = max(len(r) for r in rows)
-        cache, logits, attention = self._shared_prefill(rows, width)
-        positions = torch.tensor([len(r) for r in rows], device=self.device)
         processors = self._processors(constraint)
+        # With a grammar, only the logits of the tokens some row may take are computed (a few hundred of the
+        # vocabulary: the unembedding is a fifth of SmolLM2's weights, read every token step).
+        allowed_ids = getattr(processors[0], "allowed_ids", None) if constraint is not None else None
+        subset = allowed_ids is not None and self._head is not None
+        cache, logits, attention = self._shared_prefill(rows, width, hidden=subset)
+        positions = torch.tensor([len(r) for r in rows], device=self.device)
         eos = torch.tensor(self.eos_ids, device=self.device)
         pad = torch.tensor(self.tokenizer.pad_token_id, device=self.device)
         running = torch.ones(len(rows), dtype=torch.bool, device=self.device)
@@ -336,9 +362,13 @@ class LocalPolicy(Policy):
         logprobs: list[torch.Tensor] = []
         generated = torch.zeros((len(rows), 0), dtype=torch.long, device=self.device)
         for step in range(self.config.max_new_tokens):
-            scores = processors(generated, logits.float())
-            token = torch.multinomial(scores.softmax(-1), num_samples=1)
-            logprobs.append((scores.gather(1, token) - scores.logsumexp(-1, keepdim=True)).squeeze(1))
+            if subset:
+                token, logprob = self._draw_allowed(logits, allowed_ids(generated))
+            else:
+                scores = processors(generated, logits.float())
+                token = torch.multinomial(scores.softmax(-1), num_samples=1)
+                logprob = scores.gather(1, token) - scores.logsumexp(-1, keepdim=True)
+            logprobs.append(logprob.squeeze(1))
             token = torch.where(running, token.squeeze(1), pad)
             tokens.append(token)
             generated = torch.cat([generated, token[:, None]], dim=1)
@@ -350,27 +380,60 @@ class LocalPolicy(Policy):
                 break
             if attention is not None:
                 attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
-            out = self.model(
+            forward = self._head[0] if subset else self.model
+            out = forward(
                 input_ids=token[:, None], position_ids=(positions + step)[:, None], attention_mask=attention,
                 cache=cache, use_cache=True,
             )  # fmt: skip
-            cache, logits = out.cache, out.logits[:, -1]
+            cache, logits = out.cache, (out.last_hidden_state if subset else out.logits)[:, -1]
         return self._samples(rows, torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu(), constraint)
 
+    def _draw_allowed(self, hidden: torch.Tensor, allowed: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token [B, 1], its log-prob [B, 1]) from the last hidden states [B, H], computing only the logits of
+        the `allowed` ids of each row: the same draw as `torch.multinomial` on the masked full-vocabulary
+        probabilities (it is argmax(p / q) with q ~ Exp(1) over the whole vocabulary, drawn here likewise), so
+        replies equal the full-logits path's and `generate`'s for the same seed."""
+        weight = self._head[1]
+        union = torch.unique(torch.cat(allowed)).to(self.device)
+        rows = torch.cat([torch.full((len(a),), i, dtype=torch.long) for i, a in enumerate(allowed)]).to(self.device)
+        cols = torch.searchsorted(union, torch.cat(allowed).to(self.device))
+        logits = (hidden @ weight[union].T).float()
+        scores = torch.full_like(logits, -torch.inf)
+        scores[rows, cols] = logits[rows, cols]
+        if self.config.temperature != 1.0:
+            scores = scores / self.config.temperature
+        probs = torch.zeros((len(allowed), weight.shape[0]), dtype=scores.dtype, device=self.device)
+        probs[:, union] = scores.softmax(-1)
+        token = (probs / torch.empty_like(probs).exponential_()).argmax(-1, keepdim=True)
+        at = torch.searchsorted(union, token)
+        return token, scores.gather(1, at) - scores.logsumexp(-1, keepdim=True)
+
     def _shared_prefill(
-        self, rows: list[list[int]], width: int
+        self, rows: list[list[int]], width: int, hidden: bool = False
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor | None]:
-        """(cache, next-token logits, attention mask or None) for `rows` with each distinct prompt run once."""
+        """(cache, next-token logits, attention mask or None) for `rows` with each distinct prompt run once;
+        with `hidden`, the decoder's last hidden states instead of logits."""
         prompts: dict[tuple[int, ...], int] = {}
         index = [prompts.setdefault(tuple(r), len(prompts)) for r in rows]
         layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         last: list[torch.Tensor] = []
+        keep = self.keep_prompt_graphs and self.config.share_prefix and self.config.lora_dropout == 0
         for prompt in prompts:
-            out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
+            ids = torch.tensor([prompt], device=self.device)
+            with torch.enable_grad() if keep and len(prompt) > 1 else nullcontext():
+                if hidden:
+                    out = self._head[0](input_ids=ids, use_cache=True)
+                    last.append(out.last_hidden_state[0, -1].detach())
+                else:
+                    out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                    last.append(out.logits[0, -1].detach())
+                kv = [(k, v) for k, v, *_ in out.cache]
+                if keep and len(prompt) > 1:  # sliced with grad on: a view taken under no_grad would cut the graph
+                    graph = [(k[:, :, :-1], v[:, :, :-1]) for k, v in kv]
+                    self._prompt_graphs[prompt] = (graph, self._weights_version())
             # Left-pad each prompt's keys/values to the batch width (the padded slots are masked below).
             gap = width - len(prompt)
-            layers.append([(_left_pad(k, gap), _left_pad(v, gap)) for k, v, *_ in out.cache])
-            last.append(out.logits[0, -1])
+            layers.append([(_left_pad(k.detach(), gap), _left_pad(v.detach(), gap)) for k, v in kv])
         select = torch.tensor(index, device=self.device)
         data = [
             (torch.cat([p[layer][0] for p in layers])[select], torch.cat([p[layer][1] for p in layers])[select])
@@ -474,7 +537,9 @@ class LocalPolicy(Policy):
             prompt = torch.tensor(group[0].prompt_ids, dtype=torch.long, device=self.device)
             cache = None
             if len(prompt) > 1:
-                cache = self.model(input_ids=prompt[None, :-1], use_cache=True, logits_to_keep=1).cache
+                cache = self._kept_prompt(group[0].prompt_ids)
+                if cache is None:
+                    cache = self.model(input_ids=prompt[None, :-1], use_cache=True, logits_to_keep=1).cache
                 cache.batch_repeat_interleave(len(group))
             width = max(len(s.completion_ids) for s in group)
             inputs = torch.full((len(group), width), int(prompt[-1]), dtype=torch.long)
@@ -493,6 +558,32 @@ class LocalPolicy(Policy):
         logp = torch.cat(rows)[torch.tensor(order, device=self.device).argsort()]
         lengths = torch.tensor([len(s.completion_ids) for s in samples], device=self.device)
         return logp, torch.arange(steps, device=self.device) < lengths[:, None]
+
+    def _weights_version(self) -> tuple[int, ...]:
+        """Changes whenever a trainable weight is modified in place (an optimiser step): kept prompts are then
+        stale."""
+        return tuple(p._version for p in self.model.parameters() if p.requires_grad)
+
+    def _kept_prompt(self, prompt_ids: list[int]) -> DynamicCache | None:
+        """The differentiable keys/values of the prompt's first P-1 tokens, kept when it was sampled, for a
+        pass with grad under the same weights; used once (the backward frees them). The sampling prefill with
+        grad costs little more than without, and the trainer's pass then skips the prompt's forward."""
+        if not torch.is_grad_enabled():  # e.g. the trainer's base-model pass, which must not consume them
+            return None
+        kept = self._prompt_graphs.pop(tuple(prompt_ids), None)
+        if kept is None or kept[1] != self._weights_version():
+            return None
+        cache = DynamicCache()
+        cache.layers = []
+        for keys, values in kept[0]:
+            layer = DynamicLayer()
+            layer.update(keys, values)
+            cache.layers.append(layer)
+        return cache
+
+    def release_prompt_graphs(self) -> None:
+        """Drop the kept prompts (and the activations they hold): the trainer calls it after its step."""
+        self._prompt_graphs.clear()
 
     def _completion_logprobs(self, logits: torch.Tensor, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs [B, T] of the completion tokens from their logits [B, T, V] (row t predicts token t) and

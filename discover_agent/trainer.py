@@ -98,6 +98,8 @@ class Trainer:
         )
         #: Called with the number of replies whose backward pass is done, after each micro-batch.
         self.progress: Callable[[int], None] | None = None
+        # The policy keeps each sampled prompt's keys/values with their graph; the update's pass reuses them.
+        policy.keep_prompt_graphs = True
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (not live references) of the optimiser's moments and step counts; the LoRA weights are
@@ -136,6 +138,7 @@ class Trainer:
         samples, advantages = [samples[i] for i in keep], [advantages[i] for i in keep]
         tokens = sum(len(s.completion_ids) for s in samples)
         if not samples:
+            self.policy.release_prompt_graphs()
             return {"skipped": 1.0, "tokens": 0.0, "seconds": time.perf_counter() - started}
         if tokens == 0:
             raise ValueError("the samples have no completion tokens to train on")
@@ -182,6 +185,7 @@ class Trainer:
             self.optimizer.step()
         finally:
             self.optimizer.zero_grad(set_to_none=True)
+            self.policy.release_prompt_graphs()
             model.eval()
         metrics = {"loss": loss_sum, "grad_norm": float(grad_norm), "ratio": ratio_sum / tokens}
         if coef > 0:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from discover_envs.problem import ConstructionSpec
 
 PROMPTS = ["short", "a much longer prompt with numbers 0.5, 0.25 and [1.0, 0.75] in it"]
 SPEC = ConstructionSpec("sequence", 1, 3, 0.0, 1.0)
+SEQUENCE_WIDE = ConstructionSpec("sequence", 3, 7, -2.0, 3.0)
 
 
 def recompute_logprobs(policy: LocalPolicy, sample: Sample, masks: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,9 +199,7 @@ def test_embedded_model_is_converted_once_and_then_loads_offline(embedded_model_
     stamp = (embedded_model_dir / "model.safetensors").stat().st_mtime_ns
     assert ensure_embedded_model(embedded_model_dir) == embedded_model_dir
     assert (embedded_model_dir / "model.safetensors").stat().st_mtime_ns == stamp
-    started = time.perf_counter()
     policy = LocalPolicy.from_pretrained(str(embedded_model_dir), PolicyConfig(device="cpu", max_new_tokens=8))
-    assert time.perf_counter() - started < 20
     [[sample]] = policy.sample(["What is 2 + 2?"], n=1)
     assert "<|im_start|>assistant\n" in policy.tokenizer.decode(sample.prompt_ids)
     assert 1 <= len(sample.completion_ids) <= 8 and isinstance(sample.text, str)
@@ -238,6 +236,65 @@ def test_shared_prefix_sampling_under_a_constraint_matches_the_unshared_path(mak
         torch.tensor([lp for _, lps in replies[1] for lp in lps]),
         atol=1e-5, rtol=0,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_grammar_logits_of_allowed_tokens_only_draw_what_full_logits_and_generate_draw(make_tiny_policy, temperature):
+    """The shared path computes only the allowed tokens' logits under the JSON grammar; the same seed must give
+    the replies of full-vocabulary logits (`_head` None) and of `generate` (the unshared path)."""
+    runs = {}
+    for name, share, allowed_only in [("allowed", True, True), ("full", True, False), ("generate", False, False)]:
+        policy = perturbed(make_tiny_policy, share_prefix=share, temperature=temperature, batch_size=6)
+        assert policy._head is not None  # a plain Llama head: the allowed-logits path is available
+        if not allowed_only:
+            policy._head = None
+        groups = policy.sample(PROMPTS, n=3, constraint_spec=SEQUENCE_WIDE)
+        runs[name] = [s for g in groups for s in g]
+    for name in ("full", "generate"):
+        assert [s.completion_ids for s in runs["allowed"]] == [s.completion_ids for s in runs[name]]
+        for a, b in zip(runs["allowed"], runs[name], strict=True):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    assert len({tuple(s.completion_ids) for s in runs["allowed"]}) > 1
+
+
+def test_prompts_kept_from_sampling_give_the_trainers_pass_the_same_logprobs_and_gradients(make_tiny_policy):
+    policy = perturbed(make_tiny_policy, temperature=0.9, max_new_tokens=8)
+    policy.keep_prompt_graphs = True
+    weights = torch.randn((6, 8), generator=torch.Generator().manual_seed(4))
+
+    def pass_with_grad(samples):
+        policy.model.zero_grad()
+        logp, _ = policy.token_logprobs(samples)
+        (logp * weights[:, : logp.shape[1]]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+        return logp.detach(), grads
+
+    samples = [s for group in policy.sample(PROMPTS, n=3) for s in group]
+    assert len(policy._prompt_graphs) == 2
+    with torch.no_grad():
+        policy.token_logprobs(samples)  # a pass without grad (the base-model pass) leaves them for the trainer
+    kept = pass_with_grad(samples)
+    assert not policy._prompt_graphs  # used, and used once
+    fresh = pass_with_grad(samples)  # recomputes each prompt
+    torch.testing.assert_close(kept[0], fresh[0], atol=1e-5, rtol=0)
+    assert kept[1].keys() == fresh[1].keys() and any("lora_A" in n for n in kept[1])
+    for name, grad in fresh[1].items():
+        torch.testing.assert_close(kept[1][name], grad, atol=1e-5, rtol=0)
+
+    # After an optimiser step the kept keys/values are stale: they must not be used.
+    policy.sample(PROMPTS, n=3)
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    after, _ = pass_with_grad(samples)
+    policy.release_prompt_graphs()
+    torch.testing.assert_close(after, pass_with_grad(samples)[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(after, fresh[0], atol=1e-3)
+
+
+def test_an_adapted_unembedding_always_computes_full_logits(make_tiny_policy):
+    assert make_tiny_policy(lora_lm_head=True)._head is None
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
