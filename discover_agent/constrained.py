@@ -537,6 +537,14 @@ class JsonArrayConstraint:
     def token_masks(self, completion_ids: list[int]) -> torch.Tensor:
         """Bool [T, vocab]: the tokens allowed at each position of a sampled completion (ending at EOS, or
         cut short); raises ValueError naming the first token that breaks the grammar."""
+        allowed = self.token_allowed_ids(completion_ids)
+        masks = torch.zeros(len(allowed), self.vocab_size, dtype=torch.bool)
+        if allowed:
+            masks[_row_index(allowed), torch.cat(allowed)] = True
+        return masks
+
+    def token_allowed_ids(self, completion_ids: list[int]) -> list[torch.Tensor]:
+        """`token_masks` as the ids allowed at each position, for callers that compute only those logits."""
         ids = [int(i) for i in completion_ids]
         allowed: list[torch.Tensor] = []
         state = self.start
@@ -552,10 +560,7 @@ class JsonArrayConstraint:
                     f"token {position} (id {token_id}, {shown!r}) breaks the {self.spec.kind} grammar after {written!r}"
                 )
             state = after
-        masks = torch.zeros(len(ids), self.vocab_size, dtype=torch.bool)
-        if allowed:
-            masks[_row_index(allowed), torch.cat(allowed)] = True
-        return masks
+        return allowed
 
     def parse(self, text: str) -> list:
         """The array text (without prefix/suffix) as a Python list."""

@@ -516,13 +516,13 @@ class LocalPolicy(Policy):
             input_ids[i, width : width + c - 1] = torch.tensor(s.completion_ids[:-1], dtype=torch.long)
             attention[i, width - p : width + c - 1] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention.to(self.device),
-            position_ids=positions.to(self.device),
-            logits_to_keep=steps,
-        ).logits
-        return self._completion_logprobs(logits, samples)
+        inputs = {
+            "input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device),
+            "position_ids": positions.to(self.device),
+        }  # fmt: skip
+        if self._allowed_only(samples):
+            return self._completion_logprobs(self._head[0](**inputs).last_hidden_state[:, -steps:], samples)
+        return self._completion_logprobs(self.model(**inputs, logits_to_keep=steps).logits, samples)
 
     def _shared_token_logprobs(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each distinct prompt once: its first P-1 tokens fill a cache (with grad, since the adapter changes
@@ -546,13 +546,14 @@ class LocalPolicy(Policy):
             for i, s in enumerate(group):
                 inputs[i, 1 : len(s.completion_ids)] = torch.tensor(s.completion_ids[:-1], dtype=torch.long)
             positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + width, device=self.device)
-            logits = self.model(
+            hidden = self._allowed_only(group)
+            out = (self._head[0] if hidden else self.model)(
                 input_ids=inputs.to(self.device),
                 position_ids=positions.expand(len(group), -1),
                 cache=cache,
                 use_cache=cache is not None,
-            ).logits
-            group_logp, _ = self._completion_logprobs(logits, group)
+            )
+            group_logp, _ = self._completion_logprobs(out.last_hidden_state if hidden else out.logits, group)
             rows.append(torch.nn.functional.pad(group_logp, (0, steps - width)))
             order.extend(members)
         logp = torch.cat(rows)[torch.tensor(order, device=self.device).argsort()]
@@ -585,25 +586,56 @@ class LocalPolicy(Policy):
         """Drop the kept prompts (and the activations they hold): the trainer calls it after its step."""
         self._prompt_graphs.clear()
 
-    def _completion_logprobs(self, logits: torch.Tensor, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _allowed_only(self, samples: Sequence[Sample]) -> bool:
+        """Whether the trainer's passes can compute only the logits of the tokens the samples' grammar allowed
+        (a plain unembedding, and constraints that list those ids): `_completion_logprobs` then takes the
+        decoder's hidden states instead of logits."""
+        return self._head is not None and all(
+            s.constraint is not None and hasattr(s.constraint, "token_allowed_ids") for s in samples
+        )
+
+    def _completion_logprobs(self, values: torch.Tensor, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs [B, T] of the completion tokens from their logits [B, T, V] (row t predicts token t) and
         the mask of real tokens: temperature, constraint masks, then gather - logsumexp, which never
-        materialises a second [B, T, V] log-softmax tensor."""
-        steps = logits.shape[1]
+        materialises a second [B, T, V] log-softmax tensor. Where `_allowed_only(samples)`, `values` are the
+        last hidden states [B, T, H] and only the logits of the allowed tokens are computed."""
+        steps = values.shape[1]
         targets = torch.zeros((len(samples), steps), dtype=torch.long)
         mask = torch.zeros((len(samples), steps), dtype=torch.bool)
         for i, s in enumerate(samples):
             targets[i, : len(s.completion_ids)] = torch.tensor(s.completion_ids, dtype=torch.long)
             mask[i, : len(s.completion_ids)] = True
         targets, mask = targets.to(self.device), mask.to(self.device)
+        if self._allowed_only(samples):
+            logits, allowed, targets = self._allowed_logits(values, samples, targets)
+        else:
+            logits = values
+            allowed = self._allowed(samples, steps, values.shape[-1]) if any(s.constraint for s in samples) else None
         logits = logits.float()
         temperatures = torch.tensor([s.temperature for s in samples], device=self.device)
         if bool((temperatures != 1.0).any()):
             logits = logits / temperatures[:, None, None]
-        if any(s.constraint is not None for s in samples):
-            logits = logits.masked_fill(~self._allowed(samples, steps, logits.shape[-1]), -torch.inf)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, -torch.inf)
         logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
         return torch.where(mask, logp, torch.zeros_like(logp)), mask
+
+    def _allowed_logits(
+        self, hidden: torch.Tensor, samples: Sequence[Sample], targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [B, T, K] of the K ids any position allows, allowed mask [B, T, K], targets as indices into
+        those K ids) from hidden states [B, T, H]. Positions past a completion allow every id (finite values,
+        masked out of the result)."""
+        per_sample = [s.constraint.token_allowed_ids(s.completion_ids) for s in samples]
+        union = torch.unique(torch.cat([ids for ids_at in per_sample for ids in ids_at])).to(self.device)
+        allowed = torch.zeros((*targets.shape, len(union)), dtype=torch.bool, device=self.device)
+        for i, ids_at in enumerate(per_sample):
+            if ids_at:
+                rows = torch.cat([torch.full((len(ids),), t, dtype=torch.long) for t, ids in enumerate(ids_at)])
+                allowed[i, rows.to(self.device), torch.searchsorted(union, torch.cat(ids_at).to(self.device))] = True
+            allowed[i, len(ids_at) :] = True
+        index = torch.searchsorted(union, targets).clamp(max=len(union) - 1)
+        return hidden @ self._head[1][union].T, allowed, index
 
     def _allowed(self, samples: Sequence[Sample], steps: int, vocab: int) -> torch.Tensor:
         """[B, T, V] allowed tokens: the constraint's replayed masks (its `token_masks` rejects a completion

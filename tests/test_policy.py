@@ -293,6 +293,26 @@ def test_prompts_kept_from_sampling_give_the_trainers_pass_the_same_logprobs_and
     assert not torch.allclose(after, fresh[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_training_logprobs_of_allowed_tokens_only_equal_full_logits_with_gradients(make_tiny_policy, share):
+    policy = perturbed(make_tiny_policy, temperature=0.8, share_prefix=share)
+    samples = [s for g in policy.sample(PROMPTS, n=3, constraint_spec=SEQUENCE_WIDE) for s in g]
+    weights = torch.randn((len(samples), policy.config.max_new_tokens), generator=torch.Generator().manual_seed(5))
+    head, results = policy._head, []
+    for allowed_only in (True, False):
+        policy._head = head if allowed_only else None
+        assert policy._allowed_only(samples) is allowed_only
+        policy.model.zero_grad()
+        logp, mask = policy.token_logprobs(samples)
+        (logp * weights[:, : logp.shape[1]]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+        results.append((logp.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
+    assert torch.isfinite(results[0][0]).all() and bool((results[0][0][mask] < 0).any())
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, atol=1e-5, rtol=0)
+
+
 def test_an_adapted_unembedding_always_computes_full_logits(make_tiny_policy):
     assert make_tiny_policy(lora_lm_head=True)._head is None
 
