@@ -175,6 +175,11 @@ class TTTConfig(PUCTConfig):
     betas: list[float] = knob([0.9, 0.95], "Adam's beta1,beta2; (0.9, 0.95) as the released code.")
     micro_batch_size: int = knob(8, "Replies per forward/backward pass of the update (memory, not maths).")
     weight_decay: float = knob(0.0, "AdamW weight decay of the LoRA weights.")
+    reuse_prompts: bool = knob(
+        True,
+        "Keep each sampled prompt's keys/values with their graph for the update: saves a forward pass of every "
+        "prompt, holds that memory from sampling to the update (memory, not maths).",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,6 +8,10 @@ recomputes that same distribution for the trainer's importance ratios.
 Replies of one group share their prompt, so by default (`PolicyConfig.share_prefix`) each distinct prompt is
 run once, in sampling and in training, and its keys/values are reused by the group's replies; the unshared
 path (every reply recomputes its prompt, through `generate`) stays as the reference the tests compare with.
+Two more savings keep the numbers identical: under a grammar only the logits of the tokens it allows are computed
+(the unembedding is a fifth of SmolLM2's weights), and a policy with a `Trainer` keeps each sampled prompt's
+keys/values with their autograd graph, so the update's pass (same weights, one optimiser step per step) does
+not run the prompts again.
 """
 
 from __future__ import annotations

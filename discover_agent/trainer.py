@@ -41,7 +41,9 @@ class TrainerConfig:
     """lr: Adam learning rate of the LoRA weights. kl_coef: lambda of the KL shaping (0 turns it off and skips
     the base-model pass). max_grad_norm: clip of the total gradient norm; None (the default, as in the released
     code) does not clip. betas: Adam's (beta1, beta2); (0.9, 0.95) as the released code's `enqueue_optim_step`.
-    micro_batch_size: replies per forward/backward pass."""
+    micro_batch_size: replies per forward/backward pass. reuse_prompts: the policy keeps each sampled prompt's
+    keys/values with their graph, and the update's pass uses them instead of running the prompt again (same
+    numbers; the memory is held from sampling to the update)."""
 
     lr: float = 4e-5
     kl_coef: float = DEFAULT_KL_COEF
@@ -49,6 +51,7 @@ class TrainerConfig:
     micro_batch_size: int = 8
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
+    reuse_prompts: bool = True
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -98,8 +101,7 @@ class Trainer:
         )
         #: Called with the number of replies whose backward pass is done, after each micro-batch.
         self.progress: Callable[[int], None] | None = None
-        # The policy keeps each sampled prompt's keys/values with their graph; the update's pass reuses them.
-        policy.keep_prompt_graphs = True
+        policy.keep_prompt_graphs = config.reuse_prompts
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (not live references) of the optimiser's moments and step counts; the LoRA weights are

@@ -78,6 +78,26 @@ def test_micro_batches_give_the_same_update_as_one_batch(make_tiny_policy):
         torch.testing.assert_close(lora_state(split)[name], value, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("micro_batch_size", [6, 4])  # 4 splits the second group across two passes
+def test_reusing_the_sampled_prompts_gives_the_same_update(make_tiny_policy, micro_batch_size):
+    results = []
+    for reuse in (True, False):
+        policy = make_tiny_policy()
+        trainer = Trainer(policy, TrainerConfig(lr=1e-2, kl_coef=0.5, micro_batch_size=micro_batch_size,
+                                                reuse_prompts=reuse))  # fmt: skip
+        assert policy.keep_prompt_graphs is reuse
+        for advantages in ([1.0, -0.5, 0.2, -1.0, 0.8, -0.5], [0.3, -0.1, 0.9, 0.5, -1.0, 0.4]):
+            samples = [s for group in policy.sample(PROMPTS, n=3) for s in group]
+            assert len(policy._prompt_graphs) == (2 if reuse else 0)
+            metrics = trainer.step(samples, advantages, group_sizes=[3, 3])
+            assert not policy._prompt_graphs  # released after the step
+        results.append((metrics, lora_state(policy)))
+    for key in ("loss", "kl", "grad_norm", "ratio"):
+        assert results[0][0][key] == pytest.approx(results[1][0][key], rel=1e-4, abs=1e-7)
+    for name, value in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], value, atol=1e-4, rtol=0)
+
+
 def test_constrained_samples_train_on_the_constrained_distribution(make_tiny_policy):
     policy = make_tiny_policy(temperature=0.8)
     digits = [policy.tokenizer.convert_tokens_to_ids(c) for c in "0123456789"]
