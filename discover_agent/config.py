@@ -89,6 +89,11 @@ class AgentConfig:
     share_prefix: bool = knob(
         True, "Run each distinct prompt once and share its keys/values with its replies (local models)."
     )
+    merged_sampling: bool | None = knob(
+        None,
+        "Sample from a plain copy with the LoRA adapter merged in (re-merged after each update; a second copy of "
+        "the weights in memory); default: on CPU only.",
+    )
     constrained: bool = knob(
         True,
         "Constrain replies to a valid ```json construction (construction envs; a grammar for local models, "

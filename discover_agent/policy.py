@@ -16,6 +16,7 @@ not run the prompts again.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -27,6 +28,8 @@ from typing import Protocol
 import numpy as np
 import torch
 from peft import PeftConfig, set_peft_model_state_dict
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers import (
     DynamicCache,
@@ -106,6 +109,9 @@ class PolicyConfig:
     device: "auto" (CUDA if available), "cpu" or "cuda". seed: sampling is reproducible for a given seed.
     share_prefix: run each distinct prompt once and share its keys/values with the replies drawn from it, in
     sampling and in training (False: every reply recomputes its prompt; the reference the tests compare to).
+    merged_sampling: sample from a plain copy of the model with the adapter merged into its weights (re-merged
+    after every update): no LoRA wrappers and matmuls in the decode loop, for a second copy of the weights in
+    memory. None: on CPU only (where the wrappers' per-token overhead is a sixth of decoding).
     """
 
     lora_rank: int | None = None
@@ -119,6 +125,7 @@ class PolicyConfig:
     device: str = "auto"
     seed: int = 0
     share_prefix: bool = True
+    merged_sampling: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -190,6 +197,47 @@ def _plain_head(model: torch.nn.Module, device: torch.device) -> tuple[torch.nn.
     return (decoder, head.weight) if torch.allclose(full, own, rtol=1e-4, atol=1e-4) else None
 
 
+class _MergedCopy:
+    """A plain copy of a LoRA model's base with W + delta(adapter) in each adapted layer, for sampling: the
+    decode loop then runs no peft wrappers (Python per module and token) and no rank-r matmuls. The trainer
+    keeps using the LoRA model; `sync` re-merges after the adapter changed (its weights' version counters)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.lora = model
+        self.model = copy.deepcopy(model.get_base_model())
+        self.layers: list[tuple[torch.nn.Module, torch.nn.Linear]] = []
+        for name, module in model.get_base_model().named_modules():
+            if isinstance(module, LoraLayer):
+                parent, _, child = name.rpartition(".")
+                owner = self.model.get_submodule(parent)
+                plain = getattr(owner, child).base_layer
+                setattr(owner, child, plain)
+                self.layers.append((module, plain))
+        self.model.requires_grad_(False).eval()
+        self.version: tuple[int, ...] | None = None
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        """Only adapted Linear layers whose weights no other module shares (an adapted, tied lm_head would
+        carry the delta into the input embeddings)."""
+        base = model.get_base_model()
+        tied = base.get_output_embeddings()
+        return all(
+            type(m) is LoraLinear and not (tied is not None and m.base_layer.weight is tied.weight)
+            for m in base.modules()
+            if isinstance(m, LoraLayer)
+        ) and not isinstance(tied, LoraLayer)
+
+    def sync(self) -> None:
+        version = tuple(p._version for p in self.lora.parameters() if p.requires_grad)
+        if version == self.version:
+            return
+        with torch.no_grad():
+            for lora, plain in self.layers:
+                plain.weight.copy_(lora.base_layer.weight + lora.get_delta_weight("default"))
+        self.version = version
+
+
 class _LogProbRecorder(LogitsProcessor):
     """Runs last in `generate`: the scores it sees are exactly those sampled from, so the log-prob of the
     token drawn at step t is read at step t+1 (from `input_ids`) — one [batch, vocab] row kept at a time."""
@@ -244,6 +292,9 @@ class LocalPolicy(Policy):
         )
         self._constraints: dict[ConstructionSpec, TokenConstraint] = {}
         self._head = _plain_head(self.model, self.device)
+        merged = config.merged_sampling if config.merged_sampling is not None else self.device.type == "cpu"
+        self._sampler = _MergedCopy(self.model) if merged and _MergedCopy.supports(self.model) else None
+        self._sample_head = self._head if self._sampler is None else _plain_head(self._sampler.model, self.device)
         #: Keep each sampled prompt's differentiable keys/values for the trainer's next pass (set by `Trainer`).
         self.keep_prompt_graphs = False
         self._prompt_graphs: dict[tuple[int, ...], tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[int, ...]]]
@@ -300,6 +351,8 @@ class LocalPolicy(Policy):
         self._calls += 1
         devices = [self.device] if self.device.type == "cuda" else []
         self.release_prompt_graphs()
+        if self._sampler is not None:
+            self._sampler.sync()
         samples: list[Sample] = []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type), torch.no_grad():
             torch.manual_seed(seed)
@@ -334,7 +387,7 @@ class LocalPolicy(Policy):
             pad_token_id=pad,
             eos_token_id=self.eos_ids,
         )
-        sequences = self.model.generate(
+        sequences = self._sampling_model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
             generation_config=generation,
@@ -356,7 +409,7 @@ class LocalPolicy(Policy):
         # With a grammar, only the logits of the tokens some row may take are computed (a few hundred of the
         # vocabulary: the unembedding is a fifth of SmolLM2's weights, read every token step).
         allowed_ids = getattr(processors[0], "allowed_ids", None) if constraint is not None else None
-        subset = allowed_ids is not None and self._head is not None
+        subset = allowed_ids is not None and self._sample_head is not None and self._head is not None
         cache, logits, attention = self._shared_prefill(rows, width, hidden=subset)
         positions = torch.tensor([len(r) for r in rows], device=self.device)
         eos = torch.tensor(self.eos_ids, device=self.device)
@@ -384,7 +437,7 @@ class LocalPolicy(Policy):
                 break
             if attention is not None:
                 attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
-            forward = self._head[0] if subset else self.model
+            forward = self._sample_head[0] if subset else self._sampling_model
             out = forward(
                 input_ids=token[:, None], position_ids=(positions + step)[:, None], attention_mask=attention,
                 cache=cache, use_cache=True,
@@ -397,7 +450,7 @@ class LocalPolicy(Policy):
         the `allowed` ids of each row: the same draw as `torch.multinomial` on the masked full-vocabulary
         probabilities (it is argmax(p / q) with q ~ Exp(1) over the whole vocabulary, drawn here likewise), so
         replies equal the full-logits path's and `generate`'s for the same seed."""
-        weight = self._head[1]
+        weight = self._sample_head[1]
         union = torch.unique(torch.cat(allowed)).to(self.device)
         rows = torch.cat([torch.full((len(a),), i, dtype=torch.long) for i, a in enumerate(allowed)]).to(self.device)
         cols = torch.searchsorted(union, torch.cat(allowed).to(self.device))
@@ -424,12 +477,14 @@ class LocalPolicy(Policy):
         keep = self.keep_prompt_graphs and self.config.share_prefix and self.config.lora_dropout == 0
         for prompt in prompts:
             ids = torch.tensor([prompt], device=self.device)
-            with torch.enable_grad() if keep and len(prompt) > 1 else nullcontext():
+            graph = keep and len(prompt) > 1  # then the LoRA model itself runs the prompt, with grad
+            with torch.enable_grad() if graph else nullcontext():
                 if hidden:
-                    out = self._head[0](input_ids=ids, use_cache=True)
+                    out = (self._head if graph else self._sample_head)[0](input_ids=ids, use_cache=True)
                     last.append(out.last_hidden_state[0, -1].detach())
                 else:
-                    out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                    model = self.model if graph else self._sampling_model
+                    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
                     last.append(out.logits[0, -1].detach())
                 kv = [(k, v) for k, v, *_ in out.cache]
                 if keep and len(prompt) > 1:  # sliced with grad on: a view taken under no_grad would cut the graph
@@ -563,6 +618,11 @@ class LocalPolicy(Policy):
         logp = torch.cat(rows)[torch.tensor(order, device=self.device).argsort()]
         lengths = torch.tensor([len(s.completion_ids) for s in samples], device=self.device)
         return logp, torch.arange(steps, device=self.device) < lengths[:, None]
+
+    @property
+    def _sampling_model(self) -> torch.nn.Module:
+        """What draws replies: the merged copy where there is one, else the LoRA model."""
+        return self.model if self._sampler is None else self._sampler.model
 
     def _weights_version(self) -> tuple[int, ...]:
         """Changes whenever a trainable weight is modified in place (an optimiser step): kept prompts are then

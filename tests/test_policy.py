@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from tiny_model import CountingConstraint, build_model
 
 from discover_agent.model import EMBEDDED_NAME, default_lora_rank, embedded_cache_dir, ensure_embedded_model
@@ -313,8 +314,27 @@ def test_training_logprobs_of_allowed_tokens_only_equal_full_logits_with_gradien
         torch.testing.assert_close(results[0][1][name], grad, atol=1e-5, rtol=0)
 
 
+def test_sampling_from_the_merged_copy_follows_the_adapter_and_draws_what_the_lora_model_draws(make_tiny_policy):
+    merged, lora = make_tiny_policy(temperature=0.9), make_tiny_policy(temperature=0.9, merged_sampling=False)
+    assert merged._sampler is not None and lora._sampler is None
+    assert not any(isinstance(m, LoraLayer) for m in merged._sampling_model.modules())  # no peft wrappers
+    for policy in (merged, lora):
+        policy.sample(PROMPTS, n=2)
+        perturb_adapter(policy, seed=1)  # an update after the first sampling: the copy must be re-merged
+    draws = [
+        [s for g in policy.sample(PROMPTS, n=3, constraint_spec=SEQUENCE_WIDE) for s in g] for policy in (merged, lora)
+    ]
+    assert [s.completion_ids for s in draws[0]] == [s.completion_ids for s in draws[1]]
+    with torch.no_grad():
+        recomputed, mask = merged.token_logprobs(draws[0])  # the LoRA model, as the trainer computes them
+    for i, (a, b) in enumerate(zip(*draws, strict=True)):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(recomputed[i, mask[i]], torch.tensor(a.logprobs), atol=1e-5, rtol=0)
+
+
 def test_an_adapted_unembedding_always_computes_full_logits(make_tiny_policy):
-    assert make_tiny_policy(lora_lm_head=True)._head is None
+    policy = make_tiny_policy(lora_lm_head=True)
+    assert policy._head is None and policy._sampler is None  # a merged, tied lm_head would move the embeddings
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

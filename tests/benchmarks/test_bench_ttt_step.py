@@ -9,6 +9,7 @@ The ratio is in the second benchmark's `extra_info` ("ttt_step_over_generate") a
 
 from __future__ import annotations
 
+import copy
 import os
 
 import gymnasium as gym
@@ -75,3 +76,28 @@ def test_bench_plain_generate_of_the_same_replies_and_tokens(benchmark, setup):
     ratio = MEASURED["seconds"] / benchmark.stats.stats.mean
     benchmark.extra_info.update(replies=replies, tokens_per_reply=per_reply, ttt_step_over_generate=ratio)
     print(f"\nTTT step {MEASURED['seconds']:.1f} s / plain generate {benchmark.stats.stats.mean:.1f} s = {ratio:.2f}")
+
+
+def test_bench_plain_generate_on_the_merged_model(benchmark, setup):
+    """The stricter baseline: `generate` on a plain copy with the adapter merged in (peft's `merge_and_unload`),
+    so the baseline pays no LoRA wrappers either; the ratio is "ttt_step_over_merged_generate"."""
+    if not MEASURED:
+        pytest.skip("needs test_bench_default_ttt_step to run first")
+    config, env, policy, _ = setup
+    merged = copy.deepcopy(policy.model).merge_and_unload()
+    replies = config.groups * config.group_size
+    per_reply = max(1, round(MEASURED["tokens"] / replies))
+    prompt = policy.chat_prompt(env.reset(seed=config.seed)[0])
+    inputs = policy.tokenizer([prompt] * replies, return_tensors="pt", add_special_tokens=False)
+
+    def generate():
+        with torch.no_grad():
+            return merged.generate(
+                **inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=per_reply,
+                max_new_tokens=per_reply, pad_token_id=policy.tokenizer.pad_token_id,
+            )  # fmt: skip
+
+    benchmark.pedantic(generate, rounds=ROUNDS)
+    ratio = MEASURED["seconds"] / benchmark.stats.stats.mean
+    benchmark.extra_info.update(replies=replies, tokens_per_reply=per_reply, ttt_step_over_merged_generate=ratio)
+    print(f"\nTTT step {MEASURED['seconds']:.1f} s / merged generate {benchmark.stats.stats.mean:.1f} s = {ratio:.2f}")
