@@ -546,11 +546,13 @@ def build_policy(config: AgentConfig, trainable: bool, spec: Any = None) -> Any:
 
 
 def build_trainer(config: TTTConfig, policy: Any) -> Any:
-    from discover_agent.trainer import Trainer, TrainerConfig, default_kl_coef
+    from discover_agent.trainer import Trainer, TrainerConfig, default_kl_coef, default_lr
 
     knobs = _matching(config, TrainerConfig)
     if knobs["kl_coef"] is None:
         knobs["kl_coef"] = default_kl_coef(config.env)
+    if knobs["lr"] is None:
+        knobs["lr"] = default_lr(config.model)
     return Trainer(policy, TrainerConfig(**{**knobs, "betas": tuple(knobs["betas"])}))
 
 

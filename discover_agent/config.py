@@ -161,7 +161,11 @@ class TTTConfig(PUCTConfig):
     The trainer and LoRA knobs carry the names of `TrainerConfig` / `PolicyConfig` fields, which they fill.
     """
 
-    lr: float = knob(4e-5, "AdamW learning rate of the LoRA weights.")
+    lr: float | None = knob(
+        None,
+        "AdamW learning rate of the LoRA weights; default: 1e-3 for the embedded SmolLM2-135M (the sweep in "
+        "leaderboards/lr-sweep.md), the paper's 4e-5 for other models (`trainer.default_lr`).",
+    )
     kl_coef: float | None = knob(
         None,
         "lambda of the per-token KL shaping against the base model (LoRA disabled); default: the paper's value "
@@ -188,8 +192,7 @@ class TTTConfig(PUCTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _finite_positive(self, "lr")
-        _finite_positive(self, "beta", "max_grad_norm", optional=True)
+        _finite_positive(self, "lr", "beta", "max_grad_norm", optional=True)
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}", "betas")
         _at_least(self, 0, "lora_dropout", "weight_decay")

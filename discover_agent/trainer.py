@@ -23,12 +23,29 @@ import torch
 from discover_agent.objective import kl_shaped_advantages
 from discover_agent.policy import LocalPolicy, Sample
 
-__all__ = ["DEFAULT_KL_COEF", "KL_COEF_BY_ENV", "Trainer", "TrainerConfig", "default_kl_coef"]
+__all__ = [
+    "DEFAULT_KL_COEF", "EMBEDDED_LR", "KL_COEF_BY_ENV", "PAPER_LR", "Trainer", "TrainerConfig", "default_kl_coef",
+    "default_lr",
+]  # fmt: skip
+
+#: The paper's Adam rate for its LoRA on gpt-oss-120b; the default for models nobody has swept here.
+PAPER_LR = 4e-5
+#: The rate for the embedded SmolLM2-135M, from the sweep in leaderboards/lr-sweep.md (Erdős n = 16, rates 4e-5,
+#: 3e-4, 1e-3, 3e-3 x 3 seeds x 128 rollouts): the smallest at which the policy measurably learns (the step's
+#: mean reward rose in every seed), while the best score after 128 rollouts stayed within the seeds' spread of
+#: the other rates'. tinker's cookbook calibrates the same LoRA rate for 1-4B models (hyperparam_utils.get_lr).
+EMBEDDED_LR = 1e-3
 
 #: lambda of the KL shaping where the paper names none for the task.
 DEFAULT_KL_COEF = 0.1
 #: Tasks where the paper uses another lambda: 0.01 for algorithm engineering (the AtCoder contests).
 KL_COEF_BY_ENV: dict[str, float] = {"discover/AHC039-v0": 0.01, "discover/AHC058-v0": 0.01}
+
+
+def default_lr(model: str | None) -> float:
+    """`EMBEDDED_LR` for the embedded model (`model` None), else `PAPER_LR`: sweep yours with
+    `discover bench --agents 'ttt[lr=...],...'` (README, Benchmarks)."""
+    return EMBEDDED_LR if model is None else PAPER_LR
 
 
 def default_kl_coef(env_id: str) -> float:
@@ -45,7 +62,7 @@ class TrainerConfig:
     keys/values with their graph, and the update's pass uses them instead of running the prompt again (same
     numbers; the memory is held from sampling to the update)."""
 
-    lr: float = 4e-5
+    lr: float = PAPER_LR
     kl_coef: float = DEFAULT_KL_COEF
     max_grad_norm: float | None = None
     micro_batch_size: int = 8

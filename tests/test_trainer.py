@@ -224,3 +224,14 @@ def test_kl_coefficient_is_per_task_where_the_paper_sets_one():
 
     assert default_kl_coef("discover/AHC039-v0") == 0.01
     assert default_kl_coef("discover/ErdosMinOverlap-v0") == DEFAULT_KL_COEF == TrainerConfig().kl_coef
+
+
+def test_learning_rate_defaults_to_the_sweeps_for_the_embedded_model_and_the_papers_otherwise(tiny_policy):
+    from discover_agent.agents import build_trainer
+    from discover_agent.config import TTTConfig
+    from discover_agent.trainer import EMBEDDED_LR, PAPER_LR, default_lr
+
+    assert default_lr(None) == EMBEDDED_LR == 1e-3 and default_lr("/models/other") == PAPER_LR == 4e-5
+    for model, lr in [(None, EMBEDDED_LR), ("/models/other", PAPER_LR)]:
+        assert build_trainer(TTTConfig(model=model), tiny_policy).optimizer.param_groups[0]["lr"] == lr
+    assert build_trainer(TTTConfig(lr=3e-4), tiny_policy).optimizer.param_groups[0]["lr"] == 3e-4
