@@ -231,7 +231,7 @@ def test_learning_rate_defaults_to_the_sweeps_for_the_embedded_model_and_the_pap
     from discover_agent.config import TTTConfig
     from discover_agent.trainer import EMBEDDED_LR, PAPER_LR, default_lr
 
-    assert default_lr(None) == EMBEDDED_LR == 1e-3 and default_lr("/models/other") == PAPER_LR == 4e-5
+    assert default_lr(None) == EMBEDDED_LR == 3e-4 and default_lr("/models/other") == PAPER_LR == 4e-5
     for model, lr in [(None, EMBEDDED_LR), ("/models/other", PAPER_LR)]:
         assert build_trainer(TTTConfig(model=model), tiny_policy).optimizer.param_groups[0]["lr"] == lr
-    assert build_trainer(TTTConfig(lr=3e-4), tiny_policy).optimizer.param_groups[0]["lr"] == 3e-4
+    assert build_trainer(TTTConfig(lr=1e-3), tiny_policy).optimizer.param_groups[0]["lr"] == 1e-3
