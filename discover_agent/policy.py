@@ -487,9 +487,9 @@ class LocalPolicy(Policy):
                     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
                     last.append(out.logits[0, -1].detach())
                 kv = [(k, v) for k, v, *_ in out.cache]
-                if keep and len(prompt) > 1:  # sliced with grad on: a view taken under no_grad would cut the graph
-                    graph = [(k[:, :, :-1], v[:, :, :-1]) for k, v in kv]
-                    self._prompt_graphs[prompt] = (graph, self._weights_version())
+                if graph:  # sliced with grad on: a view taken under no_grad would cut the graph
+                    kept = [(k[:, :, :-1], v[:, :, :-1]) for k, v in kv]
+                    self._prompt_graphs[prompt] = (kept, self._weights_version())
             # Left-pad each prompt's keys/values to the batch width (the padded slots are masked below).
             gap = width - len(prompt)
             layers.append([(_left_pad(k.detach(), gap), _left_pad(v.detach(), gap)) for k, v in kv])
