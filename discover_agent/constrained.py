@@ -35,7 +35,7 @@ from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from discover_envs.problem import ConstructionSpec
 
-__all__ = ["JsonArrayConstraint", "default_max_new_tokens", "token_texts"]
+__all__ = ["JsonArrayConstraint", "default_max_new_tokens", "row_index", "token_texts"]
 
 #: Characters a constrained reply may contain; tokens with any other character are never allowed.
 ALPHABET = frozenset("0123456789.-,[] ")
@@ -540,7 +540,7 @@ class JsonArrayConstraint:
         allowed = self.token_allowed_ids(completion_ids)
         masks = torch.zeros(len(allowed), self.vocab_size, dtype=torch.bool)
         if allowed:
-            masks[_row_index(allowed), torch.cat(allowed)] = True
+            masks[row_index(allowed), torch.cat(allowed)] = True
         return masks
 
     def token_allowed_ids(self, completion_ids: list[int]) -> list[torch.Tensor]:
@@ -587,7 +587,7 @@ class _ConstraintProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         allowed = self.allowed_ids(input_ids)
-        rows, cols = _row_index(allowed).to(scores.device), torch.cat(allowed).to(scores.device)
+        rows, cols = row_index(allowed).to(scores.device), torch.cat(allowed).to(scores.device)
         masked = torch.full_like(scores, -math.inf)
         masked[rows, cols] = scores[rows, cols]
         return masked
@@ -616,6 +616,6 @@ class _ConstraintProcessor(LogitsProcessor):
         return [self.constraint.allowed_ids(state) for state in self.states]
 
 
-def _row_index(ids: list[torch.Tensor]) -> torch.Tensor:
+def row_index(ids: list[torch.Tensor]) -> torch.Tensor:
     """Row number of every entry of `torch.cat(ids)`."""
     return torch.cat([torch.full((len(row),), i, dtype=torch.long) for i, row in enumerate(ids)])

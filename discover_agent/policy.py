@@ -42,6 +42,7 @@ from transformers import (
     TemperatureLogitsWarper,
 )
 
+from discover_agent.constrained import JsonArrayConstraint, row_index
 from discover_agent.model import (
     DEFAULT_TARGET_MODULES,
     default_lora_rank,
@@ -177,8 +178,6 @@ def _json_array_constraint(
     tokenizer: PreTrainedTokenizerBase, spec: ConstructionSpec, max_new_tokens: int | None = None
 ) -> TokenConstraint:
     """The JSON-array grammar; with the reply budget, so every reply closes its array in time."""
-    from discover_agent.constrained import JsonArrayConstraint
-
     return JsonArrayConstraint(tokenizer, spec, max_new_tokens=max_new_tokens)
 
 
@@ -203,7 +202,6 @@ class _MergedCopy:
     keeps using the LoRA model; `sync` re-merges after the adapter changed (its weights' version counters)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.lora = model
         self.model = copy.deepcopy(model.get_base_model())
         self.layers: list[tuple[torch.nn.Module, torch.nn.Linear]] = []
         for name, module in model.get_base_model().named_modules():
@@ -228,8 +226,8 @@ class _MergedCopy:
             if isinstance(m, LoraLayer)
         ) and not isinstance(tied, LoraLayer)
 
-    def sync(self) -> None:
-        version = tuple(p._version for p in self.lora.parameters() if p.requires_grad)
+    def sync(self, version: tuple[int, ...]) -> None:
+        """Re-merge unless `version` (the policy's `_weights_version`) is the one last merged."""
         if version == self.version:
             return
         with torch.no_grad():
@@ -352,7 +350,7 @@ class LocalPolicy(Policy):
         devices = [self.device] if self.device.type == "cuda" else []
         self.release_prompt_graphs()
         if self._sampler is not None:
-            self._sampler.sync()
+            self._sampler.sync(self._weights_version())
         samples: list[Sample] = []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type), torch.no_grad():
             torch.manual_seed(seed)
@@ -452,7 +450,7 @@ class LocalPolicy(Policy):
         replies equal the full-logits path's and `generate`'s for the same seed."""
         weight = self._sample_head[1]
         union = torch.unique(torch.cat(allowed)).to(self.device)
-        rows = torch.cat([torch.full((len(a),), i, dtype=torch.long) for i, a in enumerate(allowed)]).to(self.device)
+        rows = row_index(allowed).to(self.device)
         cols = torch.searchsorted(union, torch.cat(allowed).to(self.device))
         logits = (hidden @ weight[union].T).float()
         scores = torch.full_like(logits, -torch.inf)
@@ -580,7 +578,7 @@ class LocalPolicy(Policy):
             "position_ids": positions.to(self.device),
         }  # fmt: skip
         if self._allowed_only(samples):
-            return self._completion_logprobs(self._head[0](**inputs).last_hidden_state[:, -steps:], samples)
+            return self._completion_logprobs(self._head[0](**inputs).last_hidden_state[:, -steps:], samples, True)
         return self._completion_logprobs(self.model(**inputs, logits_to_keep=steps).logits, samples)
 
     def _shared_token_logprobs(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -612,7 +610,7 @@ class LocalPolicy(Policy):
                 cache=cache,
                 use_cache=cache is not None,
             )
-            group_logp, _ = self._completion_logprobs(out.last_hidden_state if hidden else out.logits, group)
+            group_logp, _ = self._completion_logprobs(out.last_hidden_state if hidden else out.logits, group, hidden)
             rows.append(torch.nn.functional.pad(group_logp, (0, steps - width)))
             order.extend(members)
         logp = torch.cat(rows)[torch.tensor(order, device=self.device).argsort()]
@@ -658,10 +656,12 @@ class LocalPolicy(Policy):
             s.constraint is not None and hasattr(s.constraint, "token_allowed_ids") for s in samples
         )
 
-    def _completion_logprobs(self, values: torch.Tensor, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _completion_logprobs(
+        self, values: torch.Tensor, samples: list[Sample], hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs [B, T] of the completion tokens from their logits [B, T, V] (row t predicts token t) and
         the mask of real tokens: temperature, constraint masks, then gather - logsumexp, which never
-        materialises a second [B, T, V] log-softmax tensor. Where `_allowed_only(samples)`, `values` are the
+        materialises a second [B, T, V] log-softmax tensor. With `hidden` (where `_allowed_only`), `values` are the
         last hidden states [B, T, H] and only the logits of the allowed tokens are computed."""
         steps = values.shape[1]
         targets = torch.zeros((len(samples), steps), dtype=torch.long)
@@ -670,7 +670,7 @@ class LocalPolicy(Policy):
             targets[i, : len(s.completion_ids)] = torch.tensor(s.completion_ids, dtype=torch.long)
             mask[i, : len(s.completion_ids)] = True
         targets, mask = targets.to(self.device), mask.to(self.device)
-        if self._allowed_only(samples):
+        if hidden:
             logits, allowed, targets = self._allowed_logits(values, samples, targets)
         else:
             logits = values
@@ -695,8 +695,8 @@ class LocalPolicy(Policy):
         allowed = torch.zeros((*targets.shape, len(union)), dtype=torch.bool, device=self.device)
         for i, ids_at in enumerate(per_sample):
             if ids_at:
-                rows = torch.cat([torch.full((len(ids),), t, dtype=torch.long) for t, ids in enumerate(ids_at)])
-                allowed[i, rows.to(self.device), torch.searchsorted(union, torch.cat(ids_at).to(self.device))] = True
+                cols = torch.searchsorted(union, torch.cat(ids_at).to(self.device))
+                allowed[i, row_index(ids_at).to(self.device), cols] = True
             allowed[i, len(ids_at) :] = True
         index = torch.searchsorted(union, targets).clamp(max=len(union) - 1)
         return hidden @ self._head[1][union].T, allowed, index
