@@ -280,6 +280,10 @@ COMMANDS = {
 }  # fmt: skip
 
 
+#: Commands that run a local model: torch's threads follow the cores other processes leave free (`threads`).
+GOVERNED = ("run", "resume", "bench", "serve")
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a user can cause (a bad value, file, folder, endpoint), as opposed to a bug worth a traceback."""
     from discover_agent.openai_policy import EndpointError
@@ -293,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: discover {" + ",".join(COMMANDS) + "} ...\n\n" + __doc__, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
+        if argv[0] in GOVERNED:
+            from discover_agent.threads import govern
+
+            govern()
         return COMMANDS[argv[0]](argv[1:])
     except _user_errors() as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__

@@ -42,6 +42,7 @@ from transformers import (
     TemperatureLogitsWarper,
 )
 
+from discover_agent import threads
 from discover_agent.constrained import JsonArrayConstraint, row_index
 from discover_agent.model import (
     DEFAULT_TARGET_MODULES,
@@ -433,6 +434,7 @@ class LocalPolicy(Policy):
                 self.progress(live)
             if step + 1 == self.config.max_new_tokens or not bool(running.any()):
                 break
+            threads.adapt()
             if attention is not None:
                 attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
             forward = self._sample_head[0] if subset else self._sampling_model
@@ -474,6 +476,7 @@ class LocalPolicy(Policy):
         last: list[torch.Tensor] = []
         keep = self.keep_prompt_graphs and self.config.share_prefix and self.config.lora_dropout == 0
         for prompt in prompts:
+            threads.adapt()
             ids = torch.tensor([prompt], device=self.device)
             graph = keep and len(prompt) > 1  # then the LoRA model itself runs the prompt, with grad
             with torch.enable_grad() if graph else nullcontext():

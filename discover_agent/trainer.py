@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from discover_agent import threads
 from discover_agent.objective import kl_shaped_advantages
 from discover_agent.policy import LocalPolicy, Sample
 
@@ -177,6 +178,7 @@ class Trainer:
         adv = torch.tensor(advantages, dtype=torch.float32, device=device)
         width = max(m.shape[1] for m in masks)
         if coef > 0:
+            threads.adapt()
             with torch.no_grad(), model.disable_adapter():
                 base = [self.policy.token_logprobs(c)[0] for c in chunks]
             shaped = kl_shaped_advantages(adv, _pad(sampled, width), _pad(base, width), _pad(masks, width, False), coef)
@@ -187,6 +189,7 @@ class Trainer:
         model.train()  # LoRA dropout, if configured, during the differentiable passes only
         try:
             for i, (chunk, mask) in enumerate(zip(chunks, masks, strict=True)):
+                threads.adapt()
                 logp = self.policy.token_logprobs(chunk)[0]
                 ratio = torch.exp(logp - sampled[i])
                 loss = -(ratio * shaped[row : row + len(chunk), : logp.shape[1]] * mask).sum() / tokens
