@@ -37,7 +37,7 @@ from discover_agent.config import (
 from discover_agent.executor import Outcome, make_executor
 from discover_agent.objective import entropic_advantages, mean_baseline_advantages
 from discover_agent.plots import plot_progress
-from discover_agent.rundir import RunDir, RunDirError
+from discover_agent.rundir import RunDir, RunDirError, code_version
 from discover_agent.sampler import FixedSampler, GreedySampler, PUCTSampler, Sampler
 from discover_agent.storage import write_json
 
@@ -131,6 +131,8 @@ class Agent(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[AgentConfig]] = AgentConfig
+    #: Whether the agent samples from a language model (a `Policy` may be passed in); calibration agents do not.
+    uses_model: ClassVar[bool] = True
 
     def __init__(self, config: AgentConfig, policy: Any = None) -> None:
         if not isinstance(config, self.config_class):
@@ -177,13 +179,17 @@ class SearchAgent(Agent):
         """Run into `config.out`, which must not hold a run; `resume=True` continues the run it holds, whose
         config.json must match this config except for `RESUME_OVERRIDES`."""
         cfg = self.config
+        run_dir = RunDir(cfg.out)
+        if resume and cfg.env_kwargs is None and run_dir.file("config.json").is_file():
+            # "the default" of a resumed run is what it resolved to when it started (pinned secrets included)
+            saved = load_run_config(run_dir.file("config.json"))[1]
+            cfg = self.config = dataclasses.replace(cfg, env_kwargs=saved.env_kwargs)
         env = open_env(cfg.env, cfg.resolved_env_kwargs())
-        pinned = env.metadata.get("pinned_kwargs") or {}
-        if pinned and not resume:  # evaluators and a resumed run must build the same env (e.g. one secret split)
+        if not resume:  # config.json holds the arguments the env ran with, including secrets it drew itself
+            pinned = env.metadata.get("pinned_kwargs") or {}
             cfg = self.config = dataclasses.replace(cfg, env_kwargs={**cfg.given_env_kwargs(), **pinned})
         self._spec = construction_spec(env) if cfg.constrained else None
         _ = self.policy  # built here, so a bad --model fails before the run folder is touched
-        run_dir = RunDir(cfg.out)
         try:
             with run_dir.locked():
                 if resume:
@@ -241,7 +247,9 @@ class SearchAgent(Agent):
     def _run(self, env: gym.Env, run_dir: RunDir, progress: bool, resume: bool) -> RunResult:
         cfg = self.config
         sampler, checkpoint, history = self._start(env, run_dir, resume)
-        save_run_config(run_dir.file("config.json"), self.name, cfg, sandbox=env.metadata.get("sandbox"))
+        save_run_config(
+            run_dir.file("config.json"), self.name, cfg, version=code_version(), sandbox=env.metadata.get("sandbox")
+        )
         executor = make_executor(cfg.executor, cfg.env, cfg.resolved_env_kwargs(), cfg.workers, cfg.ray_address)
         initial_ids = {s["id"] for s in checkpoint["initial"]}
         started = time.perf_counter() - checkpoint["wall_s"]
@@ -300,14 +308,11 @@ class SearchAgent(Agent):
         return cfg.max_wall_s is not None and time.perf_counter() - started >= cfg.max_wall_s
 
     def _rollouts(self, env: gym.Env, sampler: Sampler, executor: Any) -> list[Group]:
-        """Sample every group of the step in one batched call (`Policy.sample_groups`; decoding costs about
-        the same per token at batch 8 as at 4), then evaluate; evaluations do not overlap generation, so the
-        sandboxed processes and torch's threads never compete for the cores.
+        """Propose every group of the step at once (`propose`), then evaluate; evaluations do not overlap
+        generation, so the sandboxed processes and torch's threads never compete for the cores.
         Picks of one start state form one larger group (`Sampler.select_groups`)."""
         picks = list(sampler.select_groups(self.config.groups, self.config.group_size))
-        prompts = [env.reset(options={"state": parent})[0] for parent, _ in picks]
-        self._inner.phase("generating", None, "tok")
-        replies = self.policy.sample_groups(prompts, [size for _, size in picks], self._spec)
+        replies = self.propose(env, picks)
         pending = [
             (parent, samples, [executor.submit(parent, s.text) for s in samples])
             for (parent, _), samples in zip(picks, replies, strict=True)
@@ -317,6 +322,14 @@ class SearchAgent(Agent):
             Group(parent, samples, [self._inner.done(f.result()) for f in futures])
             for parent, samples, futures in pending
         ]
+
+    def propose(self, env: gym.Env, picks: list[tuple[dict[str, Any], int]]) -> list[list[Any]]:
+        """The replies of each (start state, replies) pick: the policy samples every group of the step in one
+        batched call (`Policy.sample_groups`; decoding costs about the same per token at batch 8 as at 4) from
+        the prompts `reset` gives for the start states."""
+        prompts = [env.reset(options={"state": parent})[0] for parent, _ in picks]
+        self._inner.phase("generating", None, "tok")
+        return self.policy.sample_groups(prompts, [size for _, size in picks], self._spec)
 
     @staticmethod
     def _hook(component: Any, tick: Callable[[int], None] | None) -> None:
@@ -335,16 +348,20 @@ class SearchAgent(Agent):
     ) -> dict[str, Any]:
         rewards = np.array([r for g in groups for r in g.rewards], dtype=np.float64)
         valid = [info["valid"] for g in groups for _, info in g.outcomes]
+        valid_rewards = [r for g in groups for r, info in g.outcomes if info["valid"]]
         scores = [info["score"] for g in groups for _, info in g.outcomes if info["valid"]]
+        improved = [info["valid"] and r > g.parent["reward"] for g in groups for r, info in g.outcomes]
+        copies = [info["valid"] and _is_copy(g.parent, info) for g in groups for _, info in g.outcomes]
         row: dict[str, Any] = {
             "step": step,
             "rollouts": len(rewards),
             "valid_frac": round(float(np.mean(valid)), 4) if valid else 0.0,
             "mean_reward": float(rewards.mean()) if rewards.size else math.nan,
+            "mean_valid_reward": float(np.mean(valid_rewards)) if valid_rewards else None,
             "max_reward": float(rewards.max()) if rewards.size else math.nan,
-            "step_best_score": scores[int(np.argmax([r for g in groups for r, i in g.outcomes if i["valid"]]))]
-            if scores
-            else None,
+            "improve_rate": round(float(np.mean(improved)), 4) if improved else 0.0,
+            "copy_rate": round(float(np.mean(copies)), 4) if copies else 0.0,
+            "step_best_score": scores[int(np.argmax(valid_rewards))] if scores else None,
             "best_score": best["score"],
             "best_reward": best["reward"],
             "tokens": tokens,
@@ -408,6 +425,13 @@ def _verify_states(env: gym.Env, states: list[dict[str, Any]], source: Path) -> 
             env.reset(options={"state": state})
         except Exception as exc:  # any env's refusal, whatever its exception type
             raise RunDirError(f"{source}: state {state.get('id')} fails verification: {exc}") from None
+
+
+def _is_copy(parent: dict[str, Any], info: dict[str, Any]) -> bool:
+    """Whether a valid reply only restated its start state: the env's own judgement (`info["copy"]`, e.g.
+    within the prompt's rounding) where it gives one, else the same state id."""
+    copy = info.get("copy")
+    return bool(copy) if copy is not None else info["next_state"]["id"] == parent["id"]
 
 
 def _lineage(state: dict[str, Any], lineage: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -509,9 +533,6 @@ class TTTDiscover(PUCTSearch):
 
         self.policy.load_adapter(step_dir / "adapter")
         self.trainer.load_state_dict(torch.load(step_dir / "trainer.pt", weights_only=True))
-
-
-AGENTS: dict[str, type[SearchAgent]] = {cls.name: cls for cls in (TTTDiscover, BestOfN, PUCTSearch, Greedy)}
 
 
 # Components are built from the agent's config here, and only here: a config field named like a

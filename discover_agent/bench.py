@@ -1,7 +1,8 @@
 """The benchmark harness: every (env, agent, seed) at the same rollout budget, then comparable leaderboards.
 
-`run_bench` writes one `result.json` per run (the entry, with the exact command that reproduces it);
-`write_leaderboards` gathers them into leaderboards/<env-slug>.{json,md,png} and an index README.md.
+`run_bench` writes one `result.json` per run (the entry: the exact command that reproduces it, the code version,
+the best-so-far curve and per-step diagnostics; paths relative to the bench folder); `discover_agent.leaderboard`
+gathers them into tables with paired statistics.
 The budget is enforced by counting `env.step` calls (a wrapper added to the env id while a run lasts), not
 by trusting the rollouts an agent reports; any Gymnasium text env following the README's contract works.
 """
@@ -15,7 +16,7 @@ import json
 import math
 import shlex
 import threading
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,35 +24,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import gymnasium as gym
-import numpy as np
 
 import discover_envs  # noqa: F401 - registers the env ids
-from discover_agent.agents import AGENTS, Agent, PUCTSearch, open_env
+from discover_agent.agents import Agent, PUCTSearch
 from discover_agent.config import AgentConfig
-from discover_agent.plots import plot_leaderboard
-from discover_agent.rundir import RunDir
-from discover_agent.storage import atomic_write_bytes, read_json, write_json
-
-#: Published figures for context (full-size problems; TTT-Discover paper and ../shared/fixtures/README.md).
-REFERENCES: dict[str, list[tuple[str, float]]] = {
-    "discover/ErdosMinOverlap-v0": [
-        ("Haugland 2016", 0.3809269),
-        ("AlphaEvolve", 0.3809230),
-        ("TTT-Discover", 0.3808753),
-    ],
-    "discover/AC1-v0": [
-        ("Matolcsi-Vinuesa", 1.5097202),
-        ("AlphaEvolve V2", 1.5031636),
-        ("TTT-Discover", 1.5028629),
-    ],
-    "discover/AC2-v0": [
-        ("Jaech-Joseph", 0.94136),
-        ("AlphaEvolve V2", 0.9610211),
-        ("TTT-Discover", 0.9591798),
-    ],
-    "discover/CirclePacking26-v0": [("best known", 2.6359831), ("TTT-Discover", 2.6359774)],
-    "discover/CirclePacking32-v0": [("best known", 2.939572)],
-}
+from discover_agent.leaderboard import slug
+from discover_agent.registry import AGENTS
+from discover_agent.rundir import RunDir, code_version
+from discover_agent.storage import read_json, write_json
 
 
 @dataclass
@@ -140,10 +120,6 @@ def counting_steps(env_id: str, key: str) -> Iterator[None]:
         gym.registry[name] = spec
 
 
-def slug(env_id: str) -> str:
-    return env_id.replace("discover/", "").replace("/", "-")
-
-
 def run_bench(
     envs: list[str],
     agents: list[str],
@@ -158,9 +134,15 @@ def run_bench(
     if common.get("executor", "local") != "local":
         raise ValueError("discover bench counts env steps in this process: it runs with --executor local only")
     defaults = AgentConfig()
-    per_step = common.get("groups", defaults.groups) * common.get("group_size", defaults.group_size)
-    if rollouts < per_step:
-        raise ValueError(f"--rollouts {rollouts} is less than one step (groups x group-size = {per_step})")
+    steps_of = {}
+    for spec in specs:  # an agent's own fields may shape its steps, e.g. es[groups=1,group_size=1]: a (1+1)-ES
+        fields = {**common, **spec.overrides}
+        per_step = fields.get("groups", defaults.groups) * fields.get("group_size", defaults.group_size)
+        if rollouts < per_step:
+            raise ValueError(
+                f"--rollouts {rollouts} is less than one step of {spec.label} (groups x group-size = {per_step})"
+            )
+        steps_of[spec.label] = math.ceil(rollouts / per_step)
     entries = []
     for env_id in envs:
         for spec in specs:
@@ -168,7 +150,7 @@ def run_bench(
                 run_out = out / slug(env_id) / spec.label.replace("/", "_").replace(":", "_") / f"seed{seed}"
                 fields = {
                     **common, **spec.overrides, "env": env_id, "seed": seed, "out": str(run_out),
-                    "steps": math.ceil(rollouts / per_step), "max_rollouts": rollouts,
+                    "steps": steps_of[spec.label], "max_rollouts": rollouts,
                 }  # fmt: skip
                 done = run_out / "result.json"
                 if done.is_file():  # finished in an earlier invocation: a bench resumes across sessions
@@ -184,24 +166,43 @@ def run_bench(
                 steps = StepCounter.counts.pop(key, 0) + before
                 if steps > rollouts:
                     raise ValueError(f"{spec.label} took {steps} env steps on {env_id}, over the budget of {rollouts}")
+                saved = read_json(run_out / "config.json") if (run_out / "config.json").is_file() else {}
+                per_step = _per_step(run_out)
                 entry = {
                     "env": env_id, "agent": spec.label, "model": result.model, "rollouts": steps,
                     "seed": seed, "best_score": result.best_score, "best_reward": result.best_reward,
                     "wall_s": round(result.wall_s, 2), "tokens": result.tokens,
                     "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "version": saved.get("version") or code_version(),
                     "command": _command(env_id, spec.label, rollouts, seed, common, out),
-                    "best_state_file": str(run_out / "best.json"), "env_kwargs": config.resolved_env_kwargs(),
-                    "curve": result.curve, "mean_reward_per_step": _mean_rewards(run_out),
+                    "run_dir": run_out.relative_to(out).as_posix(),
+                    "best_state_file": (run_out / "best.json").relative_to(out).as_posix(),
+                    "env_kwargs": saved.get("config", {}).get("env_kwargs") or config.resolved_env_kwargs(),
+                    "curve": result.curve, "mean_reward_per_step": per_step.get("mean_reward", []),
+                    "per_step": per_step,
                 }  # fmt: skip
                 write_json(run_out / "result.json", entry)
                 entries.append(entry)
     return entries
 
 
-def _mean_rewards(run_out: Path) -> list[float]:
-    """The learning curve of a run that keeps the shared run folder (mean reward of each step), else []."""
+#: Per-step diagnostics a run's metrics carry into its leaderboard entry (`SearchAgent._metrics_row`).
+DIAGNOSTICS = ("valid_frac", "mean_reward", "mean_valid_reward", "improve_rate", "copy_rate", "kl")
+
+
+def _per_step(run_out: Path) -> dict[str, list[float | None]]:
+    """The diagnostics of each step of a run that keeps the shared run folder (None where a step has no value,
+    e.g. the valid-only mean reward of a step without a valid reply), else {}."""
     path = run_out / "checkpoint.json"
-    return [float(row["mean_reward"]) for row in read_json(path)["metrics"]] if path.is_file() else []
+    if not path.is_file():
+        return {}
+    rows = read_json(path)["metrics"]
+    series = {}
+    for name in DIAGNOSTICS:
+        values = [row.get(name) for row in rows]
+        if any(v is not None for v in values):
+            series[name] = [float(v) if v is not None and math.isfinite(v) else None for v in values]
+    return series
 
 
 def _checkpointed_rollouts(run_out: Path) -> int:
@@ -229,90 +230,4 @@ def _command(env_id: str, agent: str, rollouts: int, seed: int, common: dict[str
         elif value is not None:
             text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             parts += [flag, json.dumps(value) if isinstance(value, dict) else text]
-    return shlex.join([*parts, "--out", str(out)])
-
-
-def write_leaderboards(runs: Path, dest: Path) -> list[Path]:
-    """Gather every result.json under `runs` into per-env leaderboard files plus an index; returns the files."""
-    by_env: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for path in sorted(runs.rglob("result.json")):
-        entry = json.loads(path.read_text())
-        by_env[entry["env"]].append(entry)
-    if not by_env:
-        raise ValueError(f"no result.json under {runs}: run `discover bench --out {runs}` first")
-    dest.mkdir(parents=True, exist_ok=True)
-    written, index = [], []
-    for env_id, entries in sorted(by_env.items()):
-        env = open_env(env_id, entries[0].get("env_kwargs", {}))
-        higher_is_better = env.metadata.get("higher_is_better", True)
-        figure = env.metadata.get("score_name", "score")
-        env.close()
-        name = slug(env_id)
-        write_json(dest / f"{name}.json", entries)
-        atomic_write_bytes(dest / f"{name}.md", _table(env_id, entries, higher_is_better, figure).encode())
-        plot_leaderboard(entries, dest / f"{name}.png", f"{env_id} {entries[0].get('env_kwargs') or ''}", figure)
-        written += [dest / f"{name}.{ext}" for ext in ("json", "md", "png")]
-        agents = ", ".join(sorted({e["agent"] for e in entries}))
-        budgets = ", ".join(str(b) for b in sorted({e["rollouts"] for e in entries}))
-        wall = sum(e["wall_s"] for e in entries)
-        index.append(
-            f"- [{env_id}]({name}.md): {len(entries)} runs of {agents}; rollouts per run {budgets}; "
-            f"env arguments {entries[0].get('env_kwargs') or {}}; model {entries[0]['model']}; "
-            f"total wall time {wall / 60:.1f} min"
-        )
-    readme = "# Leaderboards\n\nWritten by `discover leaderboard`; each entry holds the command that reproduces it.\n\n"
-    atomic_write_bytes(dest / "README.md", (readme + "\n".join(index) + "\n").encode())
-    return [*written, dest / "README.md"]
-
-
-def _table(env_id: str, entries: list[dict[str, Any]], higher_is_better: bool, figure: str) -> str:
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-    for entry in entries:
-        groups[(entry["agent"], entry["rollouts"])].append(entry)
-    pick = max if higher_is_better else min
-    lines = [
-        f"# {env_id}",
-        "",
-        f"{figure}; env arguments {entries[0].get('env_kwargs') or {}}; model {entries[0]['model']}.",
-        "",
-        "| agent | rollouts | seeds | best score (mean ± std) | best of seeds | valid runs | wall s (mean) "
-        "| mean reward, first → last quarter of steps (Δ mean ± std) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    ranked = sorted(groups.items(), key=lambda kv: _mean_score(kv[1], higher_is_better))
-    for (agent, rollouts), runs in ranked:
-        scores = np.array([r["best_score"] for r in runs if r["best_score"] is not None], dtype=np.float64)
-        stat = f"{scores.mean():.6g} ± {scores.std():.2g}" if scores.size else "-"
-        best = f"{pick(scores):.8g}" if scores.size else "-"
-        wall = np.mean([r["wall_s"] for r in runs])
-        seeds = ",".join(str(r["seed"]) for r in runs)
-        lines.append(
-            f"| {agent} | {rollouts} | {seeds} | {stat} | {best} | {scores.size}/{len(runs)} | {wall:.0f} "
-            f"| {_learning(runs)} |"
-        )
-    refs = REFERENCES.get(env_id)
-    if refs:
-        lines += ["", "Published figures on the full-size problem, for context only:", ""]
-        lines += [f"- {who}: {value}" for who, value in refs]
-    lines += ["", "Reproduce a row with the `command` field of its entry in the JSON file.", ""]
-    return "\n".join(lines)
-
-
-def _learning(runs: list[dict[str, Any]]) -> str:
-    """Did the step's mean reward rise within a run? Mean over seeds of the first and the last quarter of its
-    steps, and their paired difference (mean ± std over seeds); "-" for runs that logged no learning curve."""
-    curves = [r["mean_reward_per_step"] for r in runs if len(r.get("mean_reward_per_step") or []) >= 2]
-    if not curves:
-        return "-"
-    first = np.array([np.mean(c[: max(1, len(c) // 4)]) for c in curves])
-    last = np.array([np.mean(c[-max(1, len(c) // 4) :]) for c in curves])
-    delta = last - first
-    return f"{first.mean():.4g} → {last.mean():.4g} ({delta.mean():+.3g} ± {delta.std():.2g})"
-
-
-def _mean_score(runs: list[dict[str, Any]], higher_is_better: bool) -> float:
-    scores = [r["best_score"] for r in runs if r["best_score"] is not None]
-    if not scores:
-        return math.inf
-    mean = float(np.mean(scores))
-    return -mean if higher_is_better else mean
+    return shlex.join([*parts, "--out", out.name])  # paths in entries are relative to the bench folder

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from discover_agent.config import (
     AgentConfig,
     ConfigError,
+    ESConfig,
     GreedyConfig,
     TTTConfig,
     checked_fields,
@@ -137,7 +138,7 @@ def _run_parser(agent_cls: Any, agents: Sequence[str]) -> Parser:
 
 
 def cmd_run(argv: list[str]) -> int:
-    from discover_agent.agents import AGENTS
+    from discover_agent.registry import AGENTS
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--agent", default="ttt")
@@ -154,7 +155,7 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_resume(argv: list[str]) -> int:
-    from discover_agent.agents import AGENTS
+    from discover_agent.registry import AGENTS
 
     parser = Parser(
         prog="discover resume",
@@ -219,7 +220,8 @@ def cmd_bench(argv: list[str]) -> int:
     parser.add_argument("--envs", type=_csv, required=True, help="comma-separated env ids")
     parser.add_argument(
         "--agents", type=_csv, default=["ttt", "best-of-n", "puct"],
-        help="comma-separated: ttt, best-of-n, puct, greedy, openevolve, module:Class, openai:MODEL@URL",
+        help="comma-separated: ttt, best-of-n, puct, greedy, random-search, es, openevolve, module:Class, "
+        "openai:MODEL@URL; NAME[key=value,...] sets that agent's own fields",
     )  # fmt: skip
     parser.add_argument("--rollouts", type=int, default=128, help="replies per run (the equal budget)")
     parser.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
@@ -227,10 +229,11 @@ def cmd_bench(argv: list[str]) -> int:
     skip = ("env", "seed", "out", "steps", "max_rollouts")
     # Every agent's knobs; each run takes the ones its agent's config has.
     add_config_arguments(parser, TTTConfig, skip=skip, suppress=True)
-    add_config_arguments(parser, GreedyConfig, skip=(*skip, *(f.name for f in dataclasses.fields(AgentConfig))),
-                         suppress=True)  # fmt: skip
+    shared = (*skip, *(f.name for f in dataclasses.fields(AgentConfig)))
+    for cls in (GreedyConfig, ESConfig):
+        add_config_arguments(parser, cls, skip=shared, suppress=True)
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for the runs")
-    from_file = _config_file(argv, parser, TTTConfig, GreedyConfig)
+    from_file = _config_file(argv, parser, TTTConfig, GreedyConfig, ESConfig)
     args = vars(parser.parse_args(argv))
     envs, agents, rollouts, seeds, out = (args.pop(k) for k in ("envs", "agents", "rollouts", "seeds", "out"))
     args.pop("config")
@@ -243,7 +246,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def cmd_leaderboard(argv: list[str]) -> int:
-    from discover_agent.bench import write_leaderboards
+    from discover_agent.leaderboard import write_leaderboards
 
     parser = Parser(prog="discover leaderboard", description="Write leaderboards from bench runs.")
     parser.add_argument("runs", type=Path, help="the --out folder of `discover bench`")

@@ -217,8 +217,23 @@ class GreedyConfig(AgentConfig):
         _at_least(self, 1, "top_k")
 
 
+@dataclass
+class ESConfig(AgentConfig):
+    """The (1+lambda)-ES calibration agent (`discover_agent.calibration`)."""
+
+    sigma: float = knob(
+        0.05,
+        "Initial step size of the ES, as a fraction of the construction's scale (the smaller of the bounds' width "
+        "and the start state's largest value).",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _finite_positive(self, "sigma")
+
+
 CONFIG_CLASSES: dict[str, type[AgentConfig]] = {
-    c.__name__: c for c in (AgentConfig, PUCTConfig, TTTConfig, GreedyConfig)
+    c.__name__: c for c in (AgentConfig, PUCTConfig, TTTConfig, GreedyConfig, ESConfig)
 }
 
 

@@ -7,6 +7,7 @@ to an ordinary transformers folder in a cache dir (GGUF de-quantisation takes ~3
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -18,11 +19,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "EMBEDDED_MARKER",
     "EMBEDDED_NAME",
     "default_lora_rank",
     "embedded_cache_dir",
     "embedded_gguf_path",
     "ensure_embedded_model",
+    "is_embedded_model",
     "load_model_and_tokenizer",
     "replace_dir",
     "resolve_device",
@@ -78,6 +81,19 @@ def replace_dir(write, target: Path) -> Path:
     return target
 
 
+#: Written into a converted embedded-model folder, so the folder is known as the embedded model wherever it lies.
+EMBEDDED_MARKER = "discover-embedded.json"
+
+
+def is_embedded_model(name_or_path: str | Path | None) -> bool:
+    """Whether a --model value names the embedded SmolLM2: None, its cache folder, or a folder converted by
+    `ensure_embedded_model` (which carries `EMBEDDED_MARKER`); defaults tuned for it (the learning rate) follow."""
+    if name_or_path is None:
+        return True
+    folder = Path(name_or_path).expanduser()
+    return (folder / EMBEDDED_MARKER).is_file() or folder.resolve() == embedded_cache_dir().resolve()
+
+
 def ensure_embedded_model(target: Path | None = None) -> Path:
     """The converted SmolLM2 folder, converting the packaged GGUF into `target` on first use."""
     target = embedded_cache_dir() if target is None else Path(target)
@@ -94,6 +110,7 @@ def ensure_embedded_model(target: Path | None = None) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / EMBEDDED_MARKER).write_text(json.dumps({"source": f"{_EMBEDDED_PACKAGE}/{_EMBEDDED_GGUF}"}) + "\n")
 
     return replace_dir(convert, target)
 

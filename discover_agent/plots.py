@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
+from scipy import stats
 
 
 def plot_progress(rollouts: list[dict[str, Any]], path: Path, title: str, score_name: str) -> None:
@@ -46,39 +47,49 @@ def plot_progress(rollouts: list[dict[str, Any]], path: Path, title: str, score_
     plt.close(fig)
 
 
-def plot_leaderboard(entries: list[dict[str, Any]], path: Path, title: str, score_name: str) -> None:
-    """Best score against rollouts, and mean reward per step (the learning curve) where runs logged it: one line
-    per agent (mean over seeds), the seeds' min-max as a band."""
-    best: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
-    learning: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
-    for entry in entries:
-        if entry.get("curve"):
-            best[entry["agent"]].append([(int(x), float(y)) for x, y in entry["curve"]])
-        if entry.get("mean_reward_per_step"):
-            learning[entry["agent"]].append(list(enumerate(map(float, entry["mean_reward_per_step"]))))
+def plot_leaderboard(
+    best: dict[str, list[list[tuple[int, float]]]],
+    learning: dict[str, list[list[float]]],
+    path: Path,
+    title: str,
+    score_name: str,
+) -> None:
+    """Best score against rollouts (`best`: each agent's runs as (rollouts, best so far) points), and the valid
+    replies' mean reward per step (`learning`: each agent's runs, NaN for a step without a valid reply): one
+    line per agent (mean over seeds) with a band of the mean's 95% t interval over seeds."""
     # Best-so-far is a step function of rollouts; a step's mean reward is one point per step.
     panels = [
-        (best, "rollouts", f"best {score_name}", "steps-post"),
-        (learning, "step", "mean reward of the step", "default"),
+        ({a: c for a, c in best.items() if c}, "rollouts", f"best {score_name}", "steps-post"),
+        (
+            {a: [list(enumerate(run)) for run in runs if run] for a, runs in learning.items()},
+            "step",
+            "mean reward of the valid replies",
+            "default",
+        ),
     ]
-    panels = [panel for panel in panels if panel[0]] or panels[:1]
+    panels = [panel for panel in panels if any(panel[0].values())] or panels[:1]
     colours = {agent: f"C{i}" for i, agent in enumerate(sorted({*best, *learning}))}  # one colour per agent
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), constrained_layout=True, squeeze=False)
     for ax, (curves_by_agent, xlabel, ylabel, style) in zip(axes[0], panels, strict=True):
         for agent, curves in sorted(curves_by_agent.items()):
+            if not curves:
+                continue
             grid = sorted({x for curve in curves for x, _ in curve})
-            values = np.array([[_value_at(curve, x) for x in grid] for curve in curves])
-            mean = np.nanmean(values, axis=0)
+            values = np.array([[_value_at(curve, x) for x in grid] for curve in curves], dtype=np.float64)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a grid point no seed has a value for
+                mean = np.nanmean(values, axis=0)
+                count = np.sum(np.isfinite(values), axis=0)
+                half = stats.t.ppf(0.975, np.maximum(count - 1, 1)) * np.nanstd(values, 0, ddof=1) / np.sqrt(count)
             colour = colours[agent]
-            ax.plot(grid, mean, label=f"{agent} (n={len(curves)})", drawstyle=style, marker="o", color=colour)
+            ax.plot(grid, mean, label=f"{agent} (n={len(curves)})", drawstyle=style, marker=".", color=colour)
             if len(curves) > 1:
-                low, high = np.nanmin(values, 0), np.nanmax(values, 0)
                 step = "post" if style == "steps-post" else None
-                ax.fill_between(grid, low, high, color=colour, alpha=0.2, step=step)
+                ax.fill_between(grid, mean - half, mean + half, color=colour, alpha=0.2, step=step)
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(f"{title}\nmean over seeds, band: 95% CI of the mean")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -1,6 +1,7 @@
 """A run's folder: what it writes after every step, so a crash loses at most the step in flight.
 
-config.json          the agent, its full config and the sandbox report; `discover resume` reads it back
+config.json          the agent, its full config (env arguments resolved), the code version and the sandbox
+                     report; `discover resume` reads it back
 rollouts.jsonl       one line per reply (step, parent id, reward, score, valid, error, tokens, sandbox, reply)
 steps/step-NNNNNN/   the state after N steps: buffer.json (the sampler's state) and, for TTT, adapter/
                      and trainer.pt (optimiser moments); written whole, then pointed to by
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import importlib.metadata
 import io
 import json
 import os
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +34,28 @@ from discover_agent.storage import CorruptFile, append_jsonl, atomic_write_bytes
 
 #: Files whose presence means the folder holds a run (so `discover run` refuses it).
 RUN_FILES = ("config.json", "checkpoint.json", "rollouts.jsonl")
+
+
+def code_version() -> str:
+    """The code a run was made with: "git:<commit>" (with "+dirty" when tracked files differ from it) where the
+    package lies in a git checkout, else "discover <package version>"; recorded in config.json and entries."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") if (root / ".git").exists() else None
+    if commit:
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "discover_agent", "discover_envs")
+        return f"git:{commit}{'+dirty' if dirty else ''}"
+    try:
+        return f"discover {importlib.metadata.version('discover')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class RunDirError(ValueError):

@@ -423,22 +423,28 @@ class GreedySampler(Sampler):
 
 
 class FixedSampler(Sampler):
-    """Best-of-N: every group starts from an initial state (cycling through them if there are several).
-    The buffer is the initial states plus the best child seen, so a saved run keeps its result."""
+    """Best-of-N: every group starts from an initial state, cycling through them across steps (with 4 initial
+    states and 2 groups a step, steps alternate between states 0, 1 and 2, 3). The buffer is the initial
+    states plus the best child seen, so a saved run keeps its result."""
 
     def __init__(self, initial_states: list[State]) -> None:
         self._initial = [dict(s) for s in _checked_initial(initial_states)]
         self._best = _ranked(self._initial)[0]
+        self._next = 0
 
     def _config(self) -> dict[str, Any]:
         return {}
 
     def _payload(self) -> dict[str, Any]:
-        return {"initial": self._initial, "best": self._best}
+        return {"initial": self._initial, "best": self._best, "next": self._next}
 
     def _restore(self, payload: dict[str, Any]) -> None:
         initial = _checked_initial(payload["initial"])
         self._initial, self._best = initial, _checked_state(payload["best"], "best state")
+        cursor = payload.get("next", 0)  # buffers written before the cursor existed start over at state 0
+        if isinstance(cursor, bool) or not isinstance(cursor, int) or cursor < 0:
+            raise ValueError(f"FixedSampler cursor must be an int >= 0, got {cursor!r}")
+        self._next = cursor % len(initial)
 
     def best(self) -> State:
         return dict(self._best)
@@ -449,7 +455,9 @@ class FixedSampler(Sampler):
 
     def select(self, k: int) -> list[State]:
         _check_k(k)
-        return [dict(self._initial[i % len(self._initial)]) for i in range(k)]
+        picks = [dict(self._initial[(self._next + i) % len(self._initial)]) for i in range(k)]
+        self._next = (self._next + k) % len(self._initial)
+        return picks
 
     def update(self, parent: State, children: list[State], rollouts: int | None = None) -> None:
         _, children = _checked_update(parent, children)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from discover_agent import threads
+from discover_agent.model import is_embedded_model
 from discover_agent.objective import kl_shaped_advantages
 from discover_agent.policy import LocalPolicy, Sample
 
@@ -45,9 +46,9 @@ KL_COEF_BY_ENV: dict[str, float] = {"discover/AHC039-v0": 0.01, "discover/AHC058
 
 
 def default_lr(model: str | None) -> float:
-    """`EMBEDDED_LR` for the embedded model (`model` None), else `PAPER_LR`: sweep yours with
-    `discover bench --agents 'ttt[lr=...],...'` (README, Benchmarks)."""
-    return EMBEDDED_LR if model is None else PAPER_LR
+    """`EMBEDDED_LR` for the embedded model (None, or its folder given by path), else `PAPER_LR`: sweep yours
+    with `discover bench --agents 'ttt[lr=...],...'` (README, Benchmarks)."""
+    return EMBEDDED_LR if is_embedded_model(model) else PAPER_LR
 
 
 def default_kl_coef(env_id: str) -> float:
@@ -140,7 +141,7 @@ class Trainer:
         loss; if every group drops out, nothing is updated and the metrics say `skipped` = 1.
 
         Returns loss, kl (mean log-ratio current/base over tokens, before the update; only with kl_coef > 0),
-        grad_norm (before any clipping), ratio (mean importance ratio), tokens, seconds and skipped.
+        grad_norm (before any clipping), ratio (mean importance ratio), trained_tokens, seconds and skipped.
         """
         started = time.perf_counter()
         samples = list(samples)
@@ -160,11 +161,11 @@ class Trainer:
         tokens = sum(len(s.completion_ids) for s in samples)
         if not samples:
             self.policy.release_prompt_graphs()
-            return {"skipped": 1.0, "tokens": 0.0, "seconds": time.perf_counter() - started}
+            return {"skipped": 1.0, "trained_tokens": 0.0, "seconds": time.perf_counter() - started}
         if tokens == 0:
             raise ValueError("the samples have no completion tokens to train on")
         metrics = self._update(samples, advantages, tokens)
-        return {**metrics, "tokens": float(tokens), "seconds": time.perf_counter() - started, "skipped": 0.0}
+        return {**metrics, "trained_tokens": float(tokens), "seconds": time.perf_counter() - started, "skipped": 0.0}
 
     def _update(self, samples: list[Sample], advantages: list[float], tokens: int) -> dict[str, float]:
         device, model, coef = self.policy.device, self.policy.model, self.config.kl_coef

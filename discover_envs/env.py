@@ -49,7 +49,9 @@ class DiscoverEnv(gym.Env[str, str]):
     `metadata` carries what an agent may use beyond the Gymnasium API (see the README's agent contract):
     `higher_is_better` and `score_name` of the problem's figure, `construction_spec` (None for code-only
     tasks) for constrained decoding, `sandbox`, the isolation candidate code gets here (for run records), and
-    `pinned_kwargs`, arguments this instance drew itself (a secret seed) that agents pin in the run's config.
+    `pinned_kwargs`, arguments this instance drew itself (a secret seed) that agents pin in the run's config,
+    and `published`, the literature's figures for the problem as (who, value) pairs (context for leaderboards).
+    A valid step's `info["copy"]` says whether the reply only restated its start state (`Problem.is_copy`).
     `render_mode="ansi"`: `render()` returns the current state as text.
     `unsafe_no_isolation=True` lets candidate code run without a namespace sandbox where bubblewrap cannot
     (a root parent refuses otherwise; see `discover_envs.sandbox`); it holds for the whole process.
@@ -75,6 +77,7 @@ class DiscoverEnv(gym.Env[str, str]):
             "construction_spec": self.construction_spec,
             "sandbox": isolation_report(self.problem.limits),
             "pinned_kwargs": pinned,
+            "published": self.problem.published(),
         }
         self.observation_space = spaces.Text(max_length=MAX_TEXT, min_length=1, charset=CHARSET)
         self.action_space = spaces.Text(max_length=MAX_TEXT, min_length=0, charset=CHARSET)
@@ -125,13 +128,17 @@ class DiscoverEnv(gym.Env[str, str]):
             if not math.isclose(score, claimed, rel_tol=self.problem.score_rtol, abs_tol=1e-300):
                 raise InvalidState(f"state score {claimed!r} does not match the recomputed score {score!r}")
             self._remember(expected_id, score)
-        return make_state(
-            score=score,
-            reward=self.problem.reward(score),
-            construction=state["construction"],
-            code=state["code"],
-            parent_id=state.get("parent_id"),
-        )
+        try:
+            return make_state(
+                score=score,
+                reward=self.problem.reward(score),
+                construction=state["construction"],
+                code=state["code"],
+                parent_id=state.get("parent_id"),
+                parent_score=state.get("parent_score"),
+            )
+        except ValueError as exc:
+            raise InvalidState(str(exc)) from None
 
     def _remember(self, state_id: str, score: float) -> None:
         if len(_VERIFIED) >= MAX_VERIFIED:
@@ -157,7 +164,8 @@ class DiscoverEnv(gym.Env[str, str]):
             result, child = outcome
             reward = child["reward"]
             self._remember(child["id"], child["score"])
-            info.update(valid=True, score=child["score"], error=None, next_state=child, **result.details)
+            copy = self.problem.is_copy(self.state, child)
+            info.update(valid=True, score=child["score"], error=None, next_state=child, copy=copy, **result.details)
         info["sandbox"] = modes[-1] if modes else "none-needed"
         return self.problem.prompt(self.state), float(reward), True, False, info
 
@@ -179,6 +187,7 @@ class DiscoverEnv(gym.Env[str, str]):
                 construction=result.construction,
                 code=result.code,
                 parent_id=self.state["id"],
+                parent_score=self.state["score"],
             )
         except InvalidSolution as exc:
             return str(exc) or "the reply breaks the problem's rules"

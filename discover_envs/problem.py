@@ -68,6 +68,11 @@ class Evaluation:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+#: The paper's closing line for a start state: only a real step forward pays.
+MEANINGFUL_IMPROVEMENT = (
+    "Try to do something different from this construction: unless you make a meaningful improvement, you will "
+    "not be rewarded."
+)
 _TAG = re.compile(r"[ \t]*([A-Za-z0-9_+-]*)")
 _FENCE = "```"
 
@@ -147,6 +152,24 @@ class Problem(ABC):
     @abstractmethod
     def render_state(self, state: dict[str, Any]) -> str:
         """The start-state section of the prompt (construction and/or code, and its score)."""
+
+    #: The literature's figures for this problem as (who, value), best last; see `published`.
+    published_figures: ClassVar[tuple[tuple[str, float], ...]] = ()
+
+    def published(self) -> list[tuple[str, float]]:
+        """The published figures for this instance (context for prompts and leaderboards; often full size)."""
+        return list(self.published_figures)
+
+    def target(self) -> float | None:
+        """The best published figure, the target the prompt names; None where nothing is published."""
+        values = [value for _, value in self.published()]
+        if not values:
+            return None
+        return max(values) if self.higher_is_better else min(values)
+
+    def is_copy(self, parent: dict[str, Any], child: dict[str, Any]) -> bool:
+        """Whether `child` only restates `parent` (a diagnostic of the agent, not a rule): same content."""
+        return child["id"] == parent["id"]
 
     def pinned_kwargs(self) -> dict[str, Any]:
         """Constructor arguments this instance drew itself (e.g. a secret seed) that another instance needs to
@@ -269,7 +292,19 @@ class ConstructionProblem(Problem):
         except InvalidSolution as exc:
             raise InvalidState(f"state construction is invalid: {exc}") from None
 
+    def is_copy(self, parent: dict[str, Any], child: dict[str, Any]) -> bool:
+        """A copy is within the prompt's rounding of its parent: every number within one unit of the last shown
+        decimal (relative to the largest, since verifiers may rescale a construction)."""
+        a, b = np.asarray(parent["construction"], np.float64), np.asarray(child["construction"], np.float64)
+        if a.shape != b.shape:
+            return False
+        scale = max(1.0, float(np.abs(a).max(initial=0.0)))
+        return bool(np.all(np.abs(a - b) <= 10.0**-self.shown_decimals * scale))
+
     def render_state(self, state: dict[str, Any]) -> str:
+        """The start state as the paper's prompts show it: its value after its parent's ("before and after:
+        a -> b", or the current value for a root), the target and the gap to it, the construction, and the line
+        that only a meaningful improvement is rewarded."""
         text = format_numbers(state["construction"], self.shown_decimals)
         if len(text) > self.max_shown_chars:
             array = np.asarray(state["construction"])
@@ -277,10 +312,24 @@ class ConstructionProblem(Problem):
                 f"(a construction of {array.shape[0]} elements, too long to show; it is passed to `run` as "
                 f"`construction`; min {array.min():.6g}, max {array.max():.6g}, mean {array.mean():.6g})"
             )
-        parts = [f"## Start state\n{self.figure}: {state['score']:.{self.shown_digits}f}"]
+        name, digits = self.figure.partition(" (")[0], self.shown_digits
+        if state.get("parent_score") is None:
+            values = [f"Current {name}: {state['score']:.{digits}f}"]
+        else:
+            values = [
+                f"{name} before and after this construction: {state['parent_score']:.{digits}f} -> "
+                f"{state['score']:.{digits}f}"
+            ]
+        target = self.target()
+        if target is not None:
+            verb = "raise it to at least" if self.higher_is_better else "lower it to at most"
+            gap = target - state["score"] if self.higher_is_better else state["score"] - target
+            values.append(f"Target: {verb} {target:.10g} (best known); gap {gap:.{digits}f}.")
+        parts = ["## Start state\n" + "\n".join(values)]
         if state.get("code"):
             parts.append(f"Code that produced it:\n```python\n{state['code'].rstrip()}\n```")
         parts.append(f"Construction:\n{text}")
+        parts.append(MEANINGFUL_IMPROVEMENT)
         return "\n\n".join(parts)
 
     def output_rules(self) -> str:

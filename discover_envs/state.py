@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-STATE_KEYS = frozenset({"id", "score", "reward", "construction", "code", "parent_id"})
+STATE_KEYS = frozenset({"id", "score", "reward", "construction", "code", "parent_id", "parent_score"})
 
 
 def content_id(construction: Any, code: str | None) -> str:
@@ -28,9 +28,16 @@ def make_state(
     construction: Any = None,
     code: str | None = None,
     parent_id: str | None = None,
+    parent_score: float | None = None,
 ) -> dict[str, Any]:
+    """A state; `parent_score` (the score of the state it was made from) is only shown in prompts ("before and
+    after: a -> b", as the paper's prompts do), so it is not part of the id and is not re-verified."""
     if not (math.isfinite(score) and math.isfinite(reward)):
         raise ValueError(f"a state needs a finite score and reward, got score={score!r}, reward={reward!r}")
+    if parent_score is not None and (
+        isinstance(parent_score, bool) or not isinstance(parent_score, (int, float)) or not math.isfinite(parent_score)
+    ):
+        raise ValueError(f"a state's parent_score must be a finite number or None, got {parent_score!r}")
     return {
         "id": content_id(construction, code),
         "score": float(score),
@@ -38,4 +45,5 @@ def make_state(
         "construction": construction,
         "code": code,
         "parent_id": parent_id,
+        "parent_score": None if parent_score is None else float(parent_score),
     }

@@ -13,9 +13,10 @@ import torch
 import toy_env  # noqa: F401 - registers toy/Guess-v0
 from safetensors.torch import load_file
 
-from discover_agent.agents import AGENTS, BestOfN, PUCTSearch, RunResult, TTTDiscover, _lineage, build_trainer
+from discover_agent.agents import BestOfN, PUCTSearch, RunResult, TTTDiscover, _lineage, build_trainer
 from discover_agent.config import AgentConfig, TTTConfig, load_run_config
 from discover_agent.policy import Policy, PolicyConfig, Sample
+from discover_agent.registry import AGENTS
 from discover_agent.rundir import RunDir, RunDirError
 from discover_agent.storage import CorruptFile, read_jsonl
 from discover_agent.trainer import TrainerConfig, default_kl_coef
@@ -62,6 +63,7 @@ def test_ttt_run_writes_every_output_and_updates_lora(make_tiny_policy, tmp_path
     assert any(not torch.equal(before[n], after[n].detach()) for n in before), "LoRA weights did not move"
     saved = json.loads((out / "config.json").read_text())
     assert saved["agent"] == "ttt" and saved["config"]["lr"] == 1e-2
+    assert saved["version"].startswith(("git:", "discover ")), "config.json names the code that made the run"
     assert "mode" in saved["sandbox"], "config.json records the isolation candidate code gets"
     assert all(isinstance(r["sandbox"], str) for r in rows), "each row records the mode its reply ran in"
 
@@ -69,7 +71,8 @@ def test_ttt_run_writes_every_output_and_updates_lora(make_tiny_policy, tmp_path
 @pytest.mark.parametrize("name", sorted(AGENTS))
 def test_every_agent_runs_through_the_same_interface(name, make_tiny_policy, tmp_path):
     cls = AGENTS[name]
-    result = cls(config_for(cls, tmp_path, steps=1), policy=make_tiny_policy(max_new_tokens=40)).run(progress=False)
+    policy = make_tiny_policy(max_new_tokens=40) if cls.uses_model else None
+    result = cls(config_for(cls, tmp_path, steps=1), policy=policy).run(progress=False)
     assert isinstance(result, RunResult)
     assert result.agent == name and result.rollouts == 4 and result.steps == 1
     assert result.best_score is not None and result.best["reward"] == result.best_reward
@@ -79,8 +82,9 @@ def test_every_agent_runs_through_the_same_interface(name, make_tiny_policy, tmp
 @pytest.mark.parametrize("name", sorted(AGENTS))
 def test_every_agent_runs_on_a_gymnasium_env_that_is_not_a_discover_env(name, make_tiny_policy, tmp_path):
     cls = AGENTS[name]
-    config = config_for(cls, tmp_path, env="toy_env:toy/Guess-v0", env_kwargs={}, steps=2)
-    result = cls(config, policy=make_tiny_policy(max_new_tokens=8)).run(progress=False)
+    env = "toy_env:toy/Guess-v0" if cls.uses_model else "toy_env:toy/GuessNumbers-v0"  # calibration needs a spec
+    config = config_for(cls, tmp_path, env=env, env_kwargs={}, steps=2)
+    result = cls(config, policy=make_tiny_policy(max_new_tokens=8) if cls.uses_model else None).run(progress=False)
     rows = read_jsonl(tmp_path / "run" / "rollouts.jsonl")
     assert result.rollouts == len(rows) == 8
     assert result.best["reward"] == max([result.best_reward, *(r["reward"] for r in rows)])
@@ -369,3 +373,22 @@ def test_a_secret_an_env_draws_is_pinned_in_the_config_so_a_resumed_run_verifies
     resumed = dataclasses.replace(saved, steps=2)
     result = BestOfN(resumed, policy=EchoPolicy([1.0, 1.0, 1.0])).run(progress=False, resume=True)
     assert result.steps == 2 and result.best["construction"] == [1.0, 1.0, 1.0]
+
+
+def test_config_json_holds_the_env_arguments_a_default_run_used(make_tiny_policy, tmp_path):
+    """No --env-kwargs: the env's CPU preset is what ran, and what config.json says."""
+    config = config_for(BestOfN, tmp_path, steps=1, env_kwargs=None)
+    BestOfN(config, policy=make_tiny_policy(max_new_tokens=40)).run(progress=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["env_kwargs"] == {"n": 16}
+    resumed = config_for(BestOfN, tmp_path, steps=2, env_kwargs=None)  # as `discover bench` rebuilds it
+    result = BestOfN(resumed, policy=make_tiny_policy(max_new_tokens=40)).run(progress=False, resume=True)
+    assert result.steps == 2
+
+
+def test_step_metrics_say_why_a_run_goes_as_it_does(make_tiny_policy, tmp_path):
+    BestOfN(config_for(BestOfN, tmp_path, steps=2), policy=make_tiny_policy(max_new_tokens=40)).run(progress=False)
+    with open(tmp_path / "run" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        assert {"valid_frac", "mean_valid_reward", "improve_rate", "copy_rate"} <= set(row)
+        assert 0.0 <= float(row["improve_rate"]) <= 1.0 and 0.0 <= float(row["copy_rate"]) <= 1.0

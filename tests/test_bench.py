@@ -9,10 +9,10 @@ import gymnasium as gym
 import pytest
 
 from discover_agent.agents import Agent, RunResult
-from discover_agent.bench import AgentSpec, run_bench, write_leaderboards
+from discover_agent.bench import AgentSpec, run_bench
 from discover_agent.cli import main
 from discover_agent.config import AgentConfig
-from discover_agent.storage import write_json
+from discover_agent.leaderboard import write_leaderboards
 
 ENV = "discover/AC1-v0"
 
@@ -118,20 +118,20 @@ def test_budget_smaller_than_one_step_is_rejected(tmp_path):
         run_bench([ENV], ["puct"], rollouts=3, seeds=[0], out=tmp_path, common={"groups": 2, "group_size": 2})
 
 
-def test_leaderboard_table_says_whether_the_mean_reward_rose_within_runs(tmp_path):
-    def entry(agent, seed, curve):
-        return {"env": ENV, "agent": agent, "model": "m", "rollouts": 8, "seed": seed, "best_score": 1.5,
-                "wall_s": 1.0, "env_kwargs": {"n": 3}, "curve": [[8, 1.5]], "mean_reward_per_step": curve}  # fmt: skip
-
-    runs = {("ttt", 0): [1.0, 1.0, 2.0, 3.0, 3.0, 3.0, 4.0, 5.0], ("ttt", 1): [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 4.0],
-            ("best-of-n", 0): [], ("best-of-n", 1): []}  # fmt: skip
-    for (agent, seed), curve in runs.items():
-        write_json(tmp_path / "runs" / agent / f"seed{seed}" / "result.json", entry(agent, seed, curve))
-    write_leaderboards(tmp_path / "runs", tmp_path / "lb")
-    rows = {line.split(" | ")[0]: line for line in (tmp_path / "lb" / "AC1-v0.md").read_text().splitlines()}
-    # First and last quarter (2 of 8 steps): seed 0 goes 1.0 -> 4.5, seed 1 2.0 -> 3.0; deltas 3.5 and 1.0.
-    assert rows["| ttt"].endswith("| 1.5 → 3.75 (+2.25 ± 1.2) |")
-    assert rows["| best-of-n"].endswith("| - |")  # no learning curve logged
+def test_bench_runs_the_calibration_agents_with_their_own_step_shape(tmp_path):
+    common = {"env_kwargs": {"n": 3}, "groups": 2, "group_size": 2}
+    agents = ["random-search", "es", "es[groups=1,group_size=1]"]
+    entries = run_bench([ENV], agents, rollouts=8, seeds=[0], out=tmp_path / "bench", common=common, progress=False)
+    assert [e["rollouts"] for e in entries] == [8, 8, 8]
+    one_plus_one = entries[2]
+    assert len(one_plus_one["curve"]) == 8, "(1+1)-ES: one reply a step"
+    assert len(entries[1]["curve"]) == 2
+    for e in entries:
+        assert e["version"].startswith(("git:", "discover "))
+        assert not e["best_state_file"].startswith("/") and (tmp_path / "bench" / e["best_state_file"]).is_file()
+        assert e["command"].endswith("--out bench") and str(tmp_path) not in e["command"]
+        assert set(e["per_step"]) >= {"valid_frac", "mean_valid_reward", "improve_rate", "copy_rate"}
+        assert e["env_kwargs"] == {"n": 3}
 
 
 def test_leaderboard_of_an_empty_folder_says_what_to_do(tmp_path):
@@ -159,7 +159,7 @@ def test_bench_command_line_takes_a_config_file_for_every_agents_knobs(tmp_path,
 
 def test_an_interrupted_bench_resumes_its_unfinished_runs_and_skips_finished_ones(tiny_model_dir, tmp_path):
     from discover_agent.agents import BestOfN
-    from discover_agent.bench import slug
+    from discover_agent.leaderboard import slug
 
     common = {"model": str(tiny_model_dir), "env_kwargs": {"n": 3}, "groups": 1, "group_size": 2,
               "max_new_tokens": 40, "device": "cpu"}  # fmt: skip

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import discover_envs  # noqa: F401 - registers the ids
-from discover_envs.problem import format_numbers
+from discover_envs.problem import InvalidState, format_numbers
 from discover_envs.problems.autocorrelation import (
     FirstAutocorrelation,
     SecondAutocorrelation,
@@ -262,3 +262,35 @@ def test_autocorrelation_rejects_bad_lengths(kwargs):
 def test_circle_packing_rejects_bad_circle_counts(n):
     with pytest.raises(ValueError, match="number of circles"):
         CirclePacking(n=n)
+
+
+def test_prompt_shows_the_start_states_value_after_its_parents_the_target_and_that_only_improvement_pays():
+    env = gym.make("discover/AC1-v0", n=4)
+    prompt, info = env.reset(seed=0)
+    root = info["state"]
+    assert f"Current C1 upper bound: {root['score']:.10f}" in prompt
+    assert "Target: lower it to at most 1.5028629 (best known); gap" in prompt
+    assert "unless you make a meaningful improvement, you will not be rewarded" in prompt
+    _, _, _, _, step = env.step("```json\n[1, 1, 1, 1]\n```")
+    child = step["next_state"]
+    assert child["parent_score"] == root["score"] and child["id"] != root["id"]
+    prompt, _ = env.reset(options={"state": child})
+    assert f"C1 upper bound before and after this construction: {root['score']:.10f} -> {child['score']:.10f}" in prompt
+    higher = gym.make("discover/AC2-v0", n=4).reset(seed=0)[0]
+    assert "Target: raise it to at least 0.9610211 (best known)" in higher
+
+
+def test_a_reply_that_restates_the_prompts_rounding_of_its_start_state_is_a_copy():
+    env = gym.make("discover/ErdosMinOverlap-v0", n=8)
+    _, info = env.reset(seed=0)
+    shown = format_numbers(info["state"]["construction"], 4)
+    assert env.step(f"```json\n{shown}\n```")[4]["copy"] is True
+    env.reset(options={"state": info["state"]})
+    assert env.step("```json\n[0.5, 0.6, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5]\n```")[4]["copy"] is False
+
+
+def test_a_restart_state_with_a_bad_parent_score_is_refused():
+    env = gym.make("discover/AC1-v0", n=4)
+    _, info = env.reset(seed=0)
+    with pytest.raises(InvalidState, match="parent_score"):
+        env.reset(options={"state": {**info["state"], "parent_score": "high"}})

@@ -261,6 +261,15 @@ def test_fixed_always_starts_from_the_initial_states_and_keeps_the_best():
     assert ids(s.states()) == ["R1", "R2", "B"]
 
 
+def test_fixed_samples_every_initial_state_when_they_outnumber_the_groups():
+    """Four start states, two groups a step: steps alternate 0, 1 / 2, 3 (the first two were all it drew)."""
+    s = FixedSampler([st(f"R{i}", 0.0) for i in range(4)])
+    assert [ids(s.select(2)) for _ in range(3)] == [["R0", "R1"], ["R2", "R3"], ["R0", "R1"]]
+    resumed = FixedSampler([st(f"R{i}", 0.0) for i in range(4)])
+    resumed.load_state_dict(s.state_dict())
+    assert ids(resumed.select(2)) == ids(s.select(2)) == ["R2", "R3"]
+
+
 def test_expansion_counting_is_the_default_and_ignores_group_size(tree):
     root, a, b, _ = tree
     small, large = PUCTSampler([root]), PUCTSampler([root])

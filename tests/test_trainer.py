@@ -31,8 +31,8 @@ def test_step_raises_the_best_reply_and_lowers_the_worst(make_tiny_policy):
     metrics = Trainer(policy, TrainerConfig(lr=1e-2, kl_coef=0.1)).step(samples, advantages)
     change = sequence_logprobs(policy, samples) - before
     assert change[0] > 0 and change[3] < 0
-    assert metrics["tokens"] == sum(len(s.completion_ids) for s in samples)
-    assert set(metrics) >= {"loss", "kl", "grad_norm", "ratio", "tokens", "seconds"}
+    assert metrics["trained_tokens"] == sum(len(s.completion_ids) for s in samples)
+    assert set(metrics) >= {"loss", "kl", "grad_norm", "ratio", "trained_tokens", "seconds"}
 
 
 def test_first_step_is_on_policy_ratio_one_and_zero_kl(make_tiny_policy):
@@ -235,3 +235,17 @@ def test_learning_rate_defaults_to_the_sweeps_for_the_embedded_model_and_the_pap
     for model, lr in [(None, EMBEDDED_LR), ("/models/other", PAPER_LR)]:
         assert build_trainer(TTTConfig(model=model), tiny_policy).optimizer.param_groups[0]["lr"] == lr
     assert build_trainer(TTTConfig(lr=1e-3), tiny_policy).optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_the_embedded_model_given_by_path_gets_its_own_learning_rate(tmp_path, monkeypatch):
+    """A converted embedded folder (with its marker) or the cache folder itself is the embedded model."""
+    from discover_agent.model import EMBEDDED_MARKER
+    from discover_agent.trainer import EMBEDDED_LR, PAPER_LR, default_lr
+
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    (converted / EMBEDDED_MARKER).write_text("{}")
+    monkeypatch.setenv("DISCOVER_CACHE", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "smollm2-135m-instruct"
+    assert default_lr(str(converted)) == default_lr(str(cache)) == EMBEDDED_LR
+    assert default_lr(str(tmp_path / "other")) == PAPER_LR

@@ -2,7 +2,8 @@
 
 The reply names a number; the score is how close it is to 7 (higher is better). States are JSON dicts with
 `id`, `score`, `reward` and the env's own `guess`; `reset(options={"state": s})` recomputes the score.
-Importing the module registers `toy/Guess-v0`, so `discover run toy_env:toy/Guess-v0` works.
+Importing the module registers `toy/Guess-v0`, so `discover run toy_env:toy/Guess-v0` works, and
+`toy/GuessNumbers-v0`, the same env declaring a construction spec (one number) for the calibration agents.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from typing import Any
 import gymnasium as gym
 from gymnasium import spaces
 
+from discover_envs.problem import ConstructionSpec
+
 TARGET = 7.0
+#: The construction spec of toy/GuessNumbers-v0: one number in [0, 100].
+SPEC = ConstructionSpec(kind="sequence", min_length=1, max_length=1, low=0.0, high=100.0)
 
 
 def _state(guess: float, parent_id: str | None) -> dict[str, Any]:
@@ -33,8 +38,10 @@ def _state(guess: float, parent_id: str | None) -> dict[str, Any]:
 class GuessEnv(gym.Env[str, str]):
     metadata = {"render_modes": ["ansi"], "render_fps": 1}  # noqa: RUF012
 
-    def __init__(self, render_mode: str | None = None) -> None:
+    def __init__(self, render_mode: str | None = None, spec: bool = False) -> None:
         self.render_mode = render_mode
+        if spec:  # toy/GuessNumbers-v0: replies are also ```json [number] constructions (for calibration agents)
+            self.metadata = {**type(self).metadata, "construction_spec": SPEC}
         self.observation_space = spaces.Text(max_length=10_000, min_length=0, charset=string.printable)
         self.action_space = spaces.Text(max_length=10_000, min_length=0, charset=string.printable)
         self.state: dict[str, Any] | None = None
@@ -65,3 +72,4 @@ class GuessEnv(gym.Env[str, str]):
 
 if "toy/Guess-v0" not in gym.registry:
     gym.register("toy/Guess-v0", entry_point=GuessEnv)
+    gym.register("toy/GuessNumbers-v0", entry_point=GuessEnv, kwargs={"spec": True})

@@ -150,6 +150,12 @@ class FirstAutocorrelation(_Autocorrelation):
     title: ClassVar[str] = "First autocorrelation inequality (upper bound on C1)"
     higher_is_better: ClassVar[bool] = False
     figure: ClassVar[str] = "C1 upper bound (lower is better)"
+    published_figures: ClassVar[tuple[tuple[str, float], ...]] = (
+        ("Matolcsi-Vinuesa 2010", 1.5097202),
+        ("AlphaEvolve", 1.5052940),
+        ("AlphaEvolve V2", 1.5031636),
+        ("TTT-Discover", 1.5028629),
+    )
 
     def statement(self) -> str:
         return (
@@ -205,6 +211,12 @@ class SecondAutocorrelation(_Autocorrelation):
     title: ClassVar[str] = "Second autocorrelation inequality (lower bound on C2)"
     higher_is_better: ClassVar[bool] = True
     figure: ClassVar[str] = "C2 lower bound (higher is better)"
+    published_figures: ClassVar[tuple[tuple[str, float], ...]] = (
+        ("AlphaEvolve", 0.8962799),
+        ("Jaech-Joseph", 0.94136),
+        ("TTT-Discover", 0.9591798),
+        ("AlphaEvolve V2", 0.9610211),
+    )
 
     def statement(self) -> str:
         return (

@@ -73,6 +73,12 @@ class CirclePacking(ConstructionProblem):
         self.n = int(n)
         self.spec = ConstructionSpec(kind="tuples", min_length=self.n, max_length=self.n, low=0.0, high=1.0, arity=3)
 
+    def published(self) -> list[tuple[str, float]]:
+        return {
+            26: [("AlphaEvolve", 2.635), ("TTT-Discover", 2.6359774), ("best known", 2.6359831)],
+            32: [("AlphaEvolve", 2.937), ("best known", 2.939572)],
+        }.get(self.n, [])
+
     def statement(self) -> str:
         return (
             f"# {self.title} (n = {self.n})\n"

@@ -48,6 +48,11 @@ class ErdosMinOverlap(ConstructionProblem):
     title: ClassVar[str] = "Erdős minimum overlap (upper bound on C5)"
     higher_is_better: ClassVar[bool] = False
     figure: ClassVar[str] = "C5 upper bound (lower is better)"
+    published_figures: ClassVar[tuple[tuple[str, float], ...]] = (
+        ("Haugland 2016", 0.3809269),
+        ("AlphaEvolve", 0.3809230),
+        ("TTT-Discover", 0.3808753),
+    )
 
     def __init__(self, *, n: int | None = None, start_n: int = 50, **kwargs) -> None:
         super().__init__(**kwargs)

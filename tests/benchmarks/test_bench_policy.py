@@ -75,5 +75,5 @@ def test_bench_lora_update(benchmark, smollm2, prompts, shape, share):
     trainer = Trainer(smollm2, TrainerConfig(micro_batch_size=8))
     advantages = [1.0, -1.0, 0.5, -0.5, 0.25, -0.25, 0.0, 0.0]
     metrics = benchmark.pedantic(trainer.step, args=(samples, advantages), rounds=ROUNDS)
-    assert metrics["tokens"] == groups * size * TOKENS
-    benchmark.extra_info.update(prompt_tokens=len(samples[0].prompt_ids), trained_tokens=metrics["tokens"])
+    assert metrics["trained_tokens"] == groups * size * TOKENS
+    benchmark.extra_info.update(prompt_tokens=len(samples[0].prompt_ids), trained_tokens=metrics["trained_tokens"])
