@@ -278,7 +278,11 @@ class LocalPolicy(Policy):
         rank = config.lora_rank if config.lora_rank is not None else default_lora_rank(self.device)
         alpha = config.lora_alpha if config.lora_alpha is not None else 2.0 * rank
         targets = (*config.target_modules, "lm_head") if config.lora_lm_head else config.target_modules
-        self.model = wrap_lora(model.to(self.device), rank, alpha, config.lora_dropout, targets).eval()
+        # LoRA's A matrices start random: drawn from the config's seed, not the process's global generator (whose
+        # state differs between processes), so a run's first update, and so the whole run, repeats exactly.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.model = wrap_lora(model.to(self.device), rank, alpha, config.lora_dropout, targets).eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"

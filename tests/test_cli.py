@@ -43,6 +43,19 @@ def test_run_then_resume_extends_the_same_folder_and_keeps_config_true(tiny_mode
     assert json.loads((out / "config.json").read_text())["config"]["steps"] == 2
 
 
+def test_run_then_resume_reproduces_an_uninterrupted_ttt_run_reply_for_reply(tiny_model_dir, tmp_path):
+    """Default settings (merged sampling on CPU, kept prompts, the thread governor): 2 steps, then `discover resume`
+    to 4, log exactly the replies of one 4-step run. Each `main` call starts where the last left the process's
+    global torch generator, as a new process would start elsewhere."""
+    common = ["--model", str(tiny_model_dir), "--device", "cpu", "--lr", "0.01", "--groups", "1", "--group-size",
+              "2", "--max-new-tokens", "48", "--env-kwargs", '{"n": 3}', "--quiet"]  # fmt: skip
+    assert main(["run", "discover/AC1-v0", "--steps", "4", "--out", str(tmp_path / "whole"), *common]) == 0
+    assert main(["run", "discover/AC1-v0", "--steps", "2", "--out", str(tmp_path / "part"), *common]) == 0
+    assert main(["resume", str(tmp_path / "part"), "--steps", "4", "--quiet"]) == 0
+    whole, part = (read_jsonl(tmp_path / name / "rollouts.jsonl") for name in ("whole", "part"))
+    assert len(whole) == 8 and [r["reply"] for r in part] == [r["reply"] for r in whole]
+
+
 def test_run_into_a_folder_holding_a_run_is_refused_naming_resume(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(run_args(tiny_model_dir, out)) == 0

@@ -403,3 +403,17 @@ def test_sample_groups_batches_groups_of_different_sizes_in_one_call(make_tiny_p
     assert make_tiny_policy(seed=3).sample_groups(PROMPTS, [2, 2]) == make_tiny_policy(seed=3).sample(PROMPTS, n=2)
     with pytest.raises(ValueError, match="one group size"):
         policy.sample_groups(PROMPTS, [2])
+
+
+def test_lora_starts_from_the_config_seed_not_the_global_generator(tiny_tokenizer, one_thread):
+    """The A matrices are random: two policies with one seed start equal whatever the global generator did."""
+    from tiny_model import build_model
+
+    def lora_a(seed):
+        policy = LocalPolicy(build_model(tiny_tokenizer), tiny_tokenizer, PolicyConfig(device="cpu", seed=seed))
+        return [p.detach().clone() for n, p in policy.model.named_parameters() if "lora_A" in n]
+
+    first = lora_a(0)
+    torch.rand(1000)  # move the global generator on
+    assert all(torch.equal(a, b) for a, b in zip(first, lora_a(0), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, lora_a(1), strict=True))
