@@ -164,7 +164,7 @@ class TTTConfig(PUCTConfig):
     lr: float | None = knob(
         None,
         "AdamW learning rate of the LoRA weights; default: 3e-4 for the embedded SmolLM2-135M (the sweep in "
-        "leaderboards/ErdosMinOverlap-v0.md), the paper's 4e-5 for other models (`trainer.default_lr`).",
+        "leaderboards/history-128/ErdosMinOverlap-v0.md), the paper's 4e-5 for other models (`trainer.default_lr`).",
     )
     kl_coef: float | None = knob(
         None,

@@ -32,11 +32,12 @@ __all__ = [
 
 #: The paper's Adam rate for its LoRA on gpt-oss-120b; the default for models nobody has swept here.
 PAPER_LR = 4e-5
-#: The rate for the embedded SmolLM2-135M, from the sweep in leaderboards/ErdosMinOverlap-v0.md (Erdős n = 16,
-#: rates 4e-5, 3e-4, 1e-3, 3e-3 x 3 seeds x 128 rollouts): its best score matched the smallest rate's (mean of the
-#: seeds 0.4406 vs 0.4396, lower is better) while the update is no longer a no-op (KL to the base model 1e-3 to
-#: 8e-3 a token after 16 steps, vs below 1e-3). At 1e-3 the step's mean reward rose in every seed, but the policy
-#: concentrated on what it had found and its bests were worse (0.4570); 3e-3 was unstable (valid replies fell to 50%).
+#: The rate for the embedded SmolLM2-135M, from the sweep in leaderboards/history-128/ErdosMinOverlap-v0.md (Erdős
+#: n = 16, rates 4e-5, 3e-4, 1e-3, 3e-3 x 3 seeds x 128 rollouts): its best score matched the smallest rate's (mean
+#: of the seeds 0.4406 vs 0.4396, lower is better) while the update is no longer a no-op (KL to the base model 1e-3
+#: to 8e-3 a token after 16 steps, vs below 1e-3). At 1e-3 the step's mean reward rose in every seed, but the policy
+#: concentrated on what it had found and its bests were worse (0.4570); 3e-3 was unstable (valid replies fell to
+#: 50%).
 EMBEDDED_LR = 3e-4
 
 #: lambda of the KL shaping where the paper names none for the task.
