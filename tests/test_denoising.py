@@ -77,7 +77,7 @@ def env() -> DiscoverEnv:
 
 @pytest.fixture(scope="module")
 def magic_step(env: DiscoverEnv) -> tuple[float, dict]:
-    """MAGIC_CODE sent back as an attempt from the start state (the baseline run is its result)."""
+    """MAGIC_CODE sent back as an attempt from the start state."""
     _, start = env.reset(seed=0)
     _, reward, _, _, info = env.step(reply(MAGIC_CODE))
     assert info["next_state"]["parent_id"] == start["state"]["id"]
@@ -184,9 +184,19 @@ def test_default_env_starts_from_a_valid_state_with_no_exemption():
     prompt, info = env.reset()
     problem, start = env.unwrapped.problem, info["state"]
     assert start["code"] == MAGIC_CODE and start["score"] > 0.05
-    assert problem.rescore(start) == start["score"]
-    assert problem.baseline()[1]["poisson_score"] >= problem.poisson_bar()
+    score, details = problem.baseline()
+    assert score == start["score"] and details["poisson_score"] >= problem.poisson_bar()
+    assert problem.check_bar(score, details)["poisson_bar"] == problem.poisson_bar()
     assert f"at least\n{problem.poisson_bar():.4f} (MAGIC's score" in prompt and "exempt" not in prompt
+
+
+def test_a_fixed_bar_above_magics_score_leaves_no_start_state_and_reset_says_so():
+    problem = Denoising(split_seed=0, min_poisson_score=0.97)
+    assert problem.poisson_bar() == 0.97
+    with pytest.raises(RuntimeError, match=r"MAGIC start state is not valid.*below the bar 0.9700.*leave min_poisson"):
+        problem.initial_state(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="min_poisson_score must be a finite number or None"):
+        Denoising(split_seed=0, min_poisson_score=math.nan)
 
 
 @pytest.mark.parametrize(
@@ -208,7 +218,7 @@ def test_a_denoiser_is_valid_only_if_no_worse_than_magic_on_poisson(env, express
 
 def test_magic_sent_back_as_an_attempt_is_valid(env, magic_step):
     _, info = magic_step
-    assert info["valid"] and info["score"] == env.problem.baseline()[0]
+    assert info["valid"] and info["score"] == pytest.approx(env.problem.baseline()[0], rel=1e-12)
 
 
 def test_all_zeros_fails_the_bar_though_the_papers_formula_rewards_it(env):
