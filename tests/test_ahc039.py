@@ -360,6 +360,20 @@ def test_integers_are_read_as_the_official_tester_reads_them():
     assert parse_integers(text).tolist() == [5, -7, 7, 2**63 - 1, -(2**63), 123456789012345678]
 
 
+@pytest.mark.parametrize("space", ["\u00a0", "\u3000", "\x85"], ids=repr)
+def test_unicode_whitespace_separates_tokens_as_in_the_official_tester(space):
+    """Tester: accepted (Rust's `split_whitespace` is Unicode-aware); the env refused U+00A0 before."""
+    text = f"4\n0{space}0\n1 0\n1{space}{space}1\n0 1{space}\n"
+    assert parse_output(text.encode()).tolist() == [[0, 0], [1, 0], [1, 1], [0, 1]]
+
+
+@pytest.mark.parametrize("text", [b"4\n0 0\n1 0\n1 1\n0 1\n# \xe9t\xe9\n", b"4\n0 0\n1 0\n1 1\n0\xa01\n"])
+def test_output_that_is_not_utf8_is_a_wrong_answer(text):
+    """Tester: rejected, as it reads the output as UTF-8 text (a lone 0xa0 byte is not U+00A0)."""
+    with pytest.raises(InvalidSolution, match="not UTF-8 text"):
+        parse_output(text)
+
+
 @pytest.mark.parametrize(
     "token",
     ["15_000", "1.5", "1e5", "--3", "3-", "+", "-", "0x10", "\u0663", "\uff15", "9223372036854775808", "1" * 21],

@@ -108,7 +108,6 @@ def test_counts_beyond_64_bits_stay_exact():
         ("0 0\n-1\n0 -1\n", "turn 2: machine id -1 does not exist (ids are 0..1)"),
         ("0 0\n-1\n", "the output has 2 actions; T = 3 are needed"),
         ("", "the output has 0 actions"),
-        ("-1\n-1\n-1\n-1\n", "turn 3: more than T = 3 actions ('-1')"),
         ("0 0\nbuy 0 0\n", "turn 1: 'buy 0 0' is neither 'i j' nor '-1'"),
         ("0 0\n0 0 0\n", "turn 1: '0 0 0' is neither"),
         ("0 1.0\n", "turn 0: '0 1.0' is neither"),
@@ -125,6 +124,64 @@ def test_wrong_answer_names_the_turn_and_the_reason(output, message):
 def test_comments_and_blank_lines_are_not_actions():
     output = b"# plan\n0 0\n\n# more\n  -1  \r\n1 0\n"
     assert parse_actions(output, SMALL) == [(0, 0), None, (1, 0)]
+
+
+# --- read as the official tester reads it (its verdicts on these outputs, from the audit in issue 23) --------
+
+
+@pytest.fixture(scope="module")
+def official_case() -> Case:
+    return read_case((OFFICIAL / "0000.txt").read_bytes())
+
+
+@pytest.mark.parametrize(
+    "tail",
+    ["debug: done\n", "-1\n", "0 0\n", "not an action at all\n", "-1\n" * 50],
+    ids=["debug-line", "extra-minus-one", "extra-action", "garbage", "many-extra"],
+)
+def test_lines_after_the_t_th_action_are_ignored(official_case, tail):
+    """Tester: accepted, the same score as without the tail (the env gave a wrong answer before)."""
+    problem = AppleMachines(n_cases=1)
+    assert problem.judge((ONE_MACHINE + tail).encode(), official_case)[1] == ONE_MACHINE_SCORE
+    assert parse_actions(b"0 0\n-1\n-1\n-1\n# x\n", SMALL) == [(0, 0), None, None]
+
+
+@pytest.mark.parametrize(
+    "output",
+    [b"# caf\xe9\n" + ONE_MACHINE.encode(), ONE_MACHINE.encode() + b"# \xff\n", b"0 0\xc0\n" + b"-1\n" * 499],
+    ids=["in-a-comment", "after-the-last-action", "in-an-action"],
+)
+def test_output_that_is_not_utf8_is_a_wrong_answer(official_case, output):
+    """Tester: rejected (it reads the output as UTF-8 text); the env accepted a bad byte in a comment before."""
+    with pytest.raises(InvalidSolution, match="not UTF-8 text"):
+        AppleMachines(n_cases=1).judge(output, official_case)
+
+
+@pytest.mark.parametrize("space", ["\u00a0", "\u3000", "\u2003", "\x85", "\x0b"], ids=repr)
+def test_unicode_whitespace_separates_tokens(official_case, space):
+    """Tester: accepted (Rust's `split_whitespace` is Unicode-aware); the env refused U+00A0 before."""
+    output = f"0{space}0{space}\n" + ONE_MACHINE.split("\n", 1)[1]
+    assert AppleMachines(n_cases=1).judge(output.encode(), official_case)[1] == ONE_MACHINE_SCORE
+
+
+@pytest.mark.parametrize("separator", ["\x1f", "\u200b"], ids=["unit-separator", "zero-width-space"])
+def test_characters_outside_unicode_white_space_do_not_separate_tokens(separator):
+    """Python's `str.split` would split on U+001F; the tester (Unicode White_Space) does not."""
+    with pytest.raises(InvalidSolution, match=r"turn 0: .* is neither 'i j' nor '-1'"):
+        parse_actions(f"0{separator}0\n-1\n-1\n".encode(), SMALL)
+
+
+@pytest.mark.parametrize(
+    ("line", "action"),
+    [("-01", None), ("-0000000000000000000000001", None), ("+0 00", (0, 0)), ("000 +000000", (0, 0))],
+)
+def test_integers_are_read_as_integers(official_case, line, action):
+    """Tester: "-01" is -1 (it parses integers); the env refused it before."""
+    assert parse_actions(f"{line}\n-1\n-1\n".encode(), SMALL)[0] == action
+    first, rest = ONE_MACHINE.split("\n", 1)
+    # In place of the second action ("-1") when it reads as "do nothing", of the first ("0 0") otherwise.
+    output = (f"{first}\n{line}\n" + rest.split("\n", 1)[1]) if action is None else f"{line}\n{rest}"
+    assert AppleMachines(n_cases=1).judge(output.encode(), official_case)[1] == ONE_MACHINE_SCORE
 
 
 # --- official inputs and the generator ------------------------------------------------------------------

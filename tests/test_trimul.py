@@ -6,6 +6,7 @@ asserts a speed (that is for the benchmarks)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from discover_envs.problems.trimul import (
     BASELINE_CODE,
     CPU_SHAPES,
     CUDA_SHAPES,
+    CUDA_TEST_SHAPES,
     TASK_MODULE,
     TriMul,
     Worker,
@@ -34,6 +36,7 @@ from discover_envs.problems.trimul import (
 )
 
 DATA = Path(__file__).parent / "data" / "trimul"
+GPU_CHECK = Path(__file__).parent.parent / "scripts" / "trimul_gpu_check.py"
 TEMPLATE_CODE = (DATA / "gpumode_template.py").read_text()
 FORGER_CODE = (DATA / "forger.py").read_text()
 WEIGHT_SHAPES = {
@@ -176,12 +179,74 @@ def test_inputs_are_reproducible_per_seed_and_fresh_across_seeds():
     assert not torch.equal(first[0], other[0])
 
 
+def gpumode_shapes(kind: str) -> list[dict]:
+    """GPUMode's official `tests` or `benchmarks` (tests/data/trimul/gpumode_shapes.json), without their seeds."""
+    rows = json.loads((DATA / "gpumode_shapes.json").read_text())[kind]
+    keys = ("seqlen", "bs", "dim", "hidden_dim", "seed", "nomask", "distribution")
+    return [{k: v for k, v in zip(keys, row, strict=True) if k != "seed"} for row in rows]
+
+
 def test_official_shapes_are_gpumodes_ranked_benchmarks():
-    assert len(CUDA_SHAPES) == 7
-    assert {(s["seqlen"], s["bs"], s["dim"]) for s in CUDA_SHAPES} == {
-        (256, 2, 128), (768, 1, 128), (256, 2, 384), (512, 1, 128), (1024, 1, 128), (768, 1, 384), (1024, 1, 384)
-    }  # fmt: skip
-    assert all(s["hidden_dim"] == 128 for s in CUDA_SHAPES)
+    assert list(CUDA_SHAPES) == gpumode_shapes("benchmarks")
+
+
+def test_official_test_shapes_are_gpumodes_eighteen_and_checked_only_on_cuda():
+    assert list(CUDA_TEST_SHAPES) == gpumode_shapes("tests")
+    cuda = TriMul(device="cuda")
+    assert cuda.test_shapes == list(CUDA_TEST_SHAPES) and cuda.shapes == list(CUDA_SHAPES)
+    prompt = cuda.statement()
+    assert "Before any timing, your output is checked once (untimed) on each of these test shapes:" in prompt
+    assert prompt.count("- bs=") == len(CUDA_TEST_SHAPES) + len(CUDA_SHAPES)
+    cpu = TriMul(device="cpu")
+    assert cpu.test_shapes == [] and cpu.shapes == list(CPU_SHAPES) and "test shapes" not in cpu.statement()
+
+
+#: Two tiny test shapes before one timed shape: the CUDA order, exercised on CPU.
+TEST_SHAPES = [small(seqlen=5, bs=1), small(seqlen=7, nomask=True, distribution="cauchy")]
+
+
+def wrong_only_at(seqlen: int) -> str:
+    """A kernel right on every shape but those of sequence length `seqlen`, where it computes incoming edges."""
+    return (
+        INCOMING_CODE.replace("def custom_kernel(data):", "def incoming(data):")
+        + "\n\n"
+        + BASELINE_CODE.replace("def reference_trimul(data):", "def outgoing(data):").replace(
+            "    return reference_trimul(data)",
+            f"    return (incoming if data[0].shape[1] == {seqlen} else outgoing)(data)",
+        )
+    )
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[tuple[str, int]]:
+    """Every worker call of an evaluation, in order: ("reference" or "candidate", shape index)."""
+    made: list[tuple[str, int]] = []
+    call = Worker.call
+
+    def recording(self, index, seed, shape, deadline):
+        made.append(("reference" if self.is_reference else "candidate", index))
+        return call(self, index, seed, shape, deadline)
+
+    monkeypatch.setattr(Worker, "call", recording)
+    return made
+
+
+def test_test_shapes_are_checked_once_untimed_before_any_timed_call(calls):
+    problem = TriMul(shapes=[CPU_SHAPES[0]], test_shapes=TEST_SHAPES, warmup=1, reps=2)
+    evaluation = problem.evaluate(reply(BASELINE_CODE), {})
+    # Worker shape k is problem.shapes[k]; the test shapes follow them (indices 1 and 2 here).
+    assert calls[:4] == [("reference", 1), ("candidate", 1), ("reference", 2), ("candidate", 2)]
+    assert {index for _, index in calls[4:]} == {0} and len(calls[4:]) == 2 * 3
+    assert evaluation.details["test_max_error"] == 0.0 and len(evaluation.details["shape_us"]) == 1
+
+
+def test_kernel_wrong_only_on_a_test_shape_is_refused_before_timing(calls):
+    problem = TriMul(shapes=[CPU_SHAPES[0]], test_shapes=TEST_SHAPES, reference_us=1.0, **QUICK)
+    with pytest.raises(InvalidSolution, match=r"wrong output on test shape 1 .*checked before timing: max \|out"):
+        problem.evaluate(reply(wrong_only_at(7)), {})
+    assert all(index != 0 for _, index in calls)
+    # The same kernel passes without the test shapes: the timed shape alone does not catch it.
+    assert TriMul(shapes=[CPU_SHAPES[0]], **QUICK).evaluate(reply(wrong_only_at(7)), {}).score > 0
 
 
 def test_check_output_names_the_worst_element():
@@ -191,6 +256,21 @@ def test_check_output_names_the_worst_element():
     why, worst = check_output(out, expected, 2e-2, 2e-2)
     assert "(0, 1, 0, 2)" in why and worst == 0.5
     assert check_output(out * 0, expected, 2e-2, 2e-2) == (None, 0.0)
+
+
+def test_check_output_in_chunks_finds_what_a_whole_comparison_finds(monkeypatch):
+    monkeypatch.setattr(trimul, "CHECK_CHUNK", 5)
+    expected = np.ones((2, 3, 3, 2))
+    out = expected.astype(np.float32).copy()
+    out[0, 0, 0, 1] += 0.03  # chunk 0: beyond the tolerance (0.02 + 0.02), but not the worst
+    out[1, 2, 1, 0] += 0.3  # chunk 6: the worst
+    why, worst = check_output(out, expected, 2e-2, 2e-2)
+    assert "at index (1, 2, 1, 0)" in why and worst == pytest.approx(0.3, rel=1e-6)
+    out[1, 0, 2, 1] = np.nan  # a non-finite value in a later chunk is reported first
+    assert check_output(out, expected, 2e-2, 2e-2) == (
+        "custom_kernel returned a non-finite value at index (1, 0, 2, 1)",
+        math.inf,
+    )
 
 
 def test_unmodified_gpumode_template_is_valid():
@@ -406,6 +486,45 @@ def test_worker_program_is_built_from_this_module():
     source = trimul.worker_source()
     compile(source, trimul.WORKER_FILE, "exec")
     assert "def serve(" in source and "def make_inputs(" in source and "reference_trimul" not in source
+
+
+def test_gpu_check_script_dry_run_prints_each_verdict(tmp_path):
+    wrong = tmp_path / "wrong_at_seqlen_8.py"
+    wrong.write_text(wrong_only_at(8))  # the dry run's second test shape
+    argv = [
+        sys.executable,
+        str(GPU_CHECK),
+        "--dry-run",
+        "--warmup",
+        "0",
+        "--reps",
+        "1",
+        str(DATA / "gpumode_template.py"),
+    ]
+    done = subprocess.run([*argv, str(wrong)], capture_output=True, text=True, timeout=600)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 1, done.stderr
+    assert lines[0] == "TriMul on CPU (dry run): 2 test shapes (untimed, first), 1 timed shapes, warmup 0, reps 1"
+    assert lines[1].startswith("reference (GPUMode): valid; ") and "0 on the test shapes" in lines[1]
+    assert any(line.startswith("submission ") and "gpumode_template.py: valid; " in line for line in lines)
+    assert f"submission {wrong}: INVALID: wrong output on test shape 1" in done.stdout
+
+
+def test_gpu_check_script_without_a_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    done = subprocess.run([sys.executable, str(GPU_CHECK)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--dry-run" in done.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_check_script_passes_the_reference_and_template_on_cuda_official_shapes():
+    done = subprocess.run(
+        [sys.executable, str(GPU_CHECK), "--warmup", "1", "--reps", "2"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "18 test shapes (untimed, first), 7 timed shapes" in done.stdout
 
 
 @pytest.mark.cuda

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from discover_envs.problem import InvalidSolution
-from discover_envs.problems.contest import ContestProblem
+from discover_envs.problems.contest import ContestProblem, ascii_spaces
 
 N_FISH = 5000
 COORD_MAX = 100_000
@@ -94,13 +94,15 @@ _CHUNK = 1 << 20
 
 
 def parse_integers(data: bytes) -> np.ndarray:
-    """The whitespace-separated ASCII integers of `data` as int64, read as the official tester reads them: an
-    optional sign, then digits ("007" and "+5" are fine; "1_000", "1.0" or non-ASCII digits are not). A token
-    longer than MAX_TOKEN characters is refused. Raise `InvalidSolution` naming the first bad token.
+    """The whitespace-separated ASCII integers of `data` as int64, read as the official tester reads them: UTF-8
+    text split on Unicode whitespace (U+00A0 too), each token an optional sign, then digits ("007" and "+5" are
+    fine; "1_000", "1.0" or non-ASCII digits are not). A token longer than MAX_TOKEN characters is refused.
+    Raise `InvalidSolution` naming the first bad token, or saying that the output is not UTF-8.
 
     Vectorised over bytes in chunks cut at whitespace, so besides the values (8 bytes a token) the parser holds
     a few bytes per input byte of one chunk: a huge output or a huge token cannot blow up the parent.
     """
+    data = ascii_spaces(data)
     parts, begin = [], 0
     while begin < len(data):
         end = min(len(data), begin + _CHUNK)
@@ -146,7 +148,7 @@ def _parse_chunk(data: bytes, begin: int, end: int) -> np.ndarray:
 
 
 def _refuse(data: bytes, start: int, end: int) -> None:
-    token = data[start : min(end, start + 30)].decode("ascii", errors="replace")
+    token = data[start : min(end, start + 30)].decode("utf-8", errors="replace")
     more = f"... ({end - start} characters)" if end - start > 30 else ""
     raise InvalidSolution(f"the output has a token that is not a 64-bit integer: {token!r}{more}")
 
@@ -362,10 +364,11 @@ class PurseSeine(ContestProblem):
     ## Verifier/metric
     The program runs in the sandbox once per test case under the contest harness's time rule: `timeout_s`
     (2.0) seconds of CPU time and `timeout_s + wall_tolerance_s` (2.5) of wall clock, the sandbox's own start
-    not counted (`contest.TimeRule`). The output is read as the official tester reads it: whitespace-separated
-    ASCII integers (tokens of at most 20 characters), every printed polygon with 4..1000 vertices and every
-    coordinate in [0, 100000] (an out-of-range polygon followed by a valid one still scores 0), an empty
-    output scores 1. The last polygon is checked exactly in integers (distinct vertices, axis-parallel
+    not counted (`contest.TimeRule`). The output is read as the official tester reads it: UTF-8 text (any
+    other byte is a wrong answer), ASCII integers (tokens of at most 20 characters) separated by Unicode
+    whitespace (U+00A0 and U+3000 too, as Rust's `split_whitespace`), every printed polygon with 4..1000
+    vertices and every coordinate in [0, 100000] (an out-of-range polygon followed by a valid one still scores
+    0), an empty output scores 1. The last polygon is checked exactly in integers (distinct vertices, axis-parallel
     edges, perimeter, simplicity: non-adjacent edges share no point and adjacent edges only their common
     vertex), then fish are counted with an exact point-in-orthogonal-polygon test that includes the boundary.
     Output is capped at 8 MB a case and parsed in bounded memory, so no output can exhaust the parent.
@@ -398,7 +401,8 @@ class PurseSeine(ContestProblem):
 
     ## Version history
     v0: first release; the generator now follows the statement, the time rule is the harness's (CPU time),
-    the output rules are the official tester's, and `cases_dir` reads official inputs.
+    the output rules are the official tester's, and `cases_dir` reads official inputs. Revised: Unicode
+    whitespace separates tokens and non-UTF-8 output is a wrong answer, as in the official tester.
     """
 
     title: ClassVar[str] = "AtCoder Heuristic Contest 039: purse seine fishing"

@@ -7,7 +7,6 @@ Python integers; it touches only machines with power, so 500 turns take millisec
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from discover_envs.problem import InvalidSolution
-from discover_envs.problems.contest import ContestProblem
+from discover_envs.problems.contest import ContestProblem, read_int, read_text, split_whitespace
 
 N_IDS, LEVELS, TURNS, START_APPLES = 10, 4, 500, 1
 #: Generation (statement): A_0 = 1, A_j = round(10^u) for j > 0, sorted ascending; C_{0,0} = 1, otherwise
@@ -86,23 +85,23 @@ def read_case(data: bytes) -> Case:
 
 
 def parse_actions(data: bytes, case: Case) -> list[tuple[int, int] | None]:
-    """The T actions of an output, one line each ("i j" or "-1"; lines starting with "#" are comments, blank
-    lines are skipped): None for "do nothing". Raise `InvalidSolution` with the turn and the reason."""
+    """The T actions of an output, read as the official tester reads them (the rules are in `AppleMachines`'s
+    docstring): None for "do nothing". Raise `InvalidSolution` with the turn and the reason."""
     actions: list[tuple[int, int] | None] = []
-    for raw in io.BytesIO(data):
-        line = raw.strip()
-        if not line or line.startswith(b"#"):
+    for line in read_text(data).split("\n"):
+        if len(actions) == case.turns:
+            break  # the tester reads T actions; whatever follows is ignored
+        tokens = split_whitespace(line)
+        if not tokens or tokens[0].startswith("#"):
             continue
         turn = len(actions)
-        if turn == case.turns:
-            raise InvalidSolution(f"turn {turn}: more than T = {case.turns} actions ({_show(line)})")
-        tokens = line.split()
-        if tokens == [b"-1"]:
+        values = [read_int(t) for t in tokens]
+        if values == [-1]:
             actions.append(None)
             continue
-        if len(tokens) != 2 or not all(_INT.fullmatch(t) for t in tokens):
+        if len(values) != 2 or None in values:
             raise InvalidSolution(f"turn {turn}: {_show(line)} is neither 'i j' nor '-1'")
-        i, j = int(tokens[0]), int(tokens[1])
+        i, j = values
         if not 0 <= i < case.levels:
             raise InvalidSolution(f"turn {turn}: level {i} does not exist (levels are 0..{case.levels - 1})")
         if not 0 <= j < case.n:
@@ -113,8 +112,9 @@ def parse_actions(data: bytes, case: Case) -> list[tuple[int, int] | None]:
     return actions
 
 
-def _show(line: bytes) -> str:
-    return repr(line[:40].decode("ascii", errors="replace")) + ("..." if len(line) > 40 else "")
+def _show(line: str) -> str:
+    line = line.strip()
+    return repr(line[:40]) + ("..." if len(line) > 40 else "")
 
 
 def simulate(case: Case, actions: list[tuple[int, int] | None]) -> int:
@@ -235,14 +235,23 @@ class AppleMachines(ContestProblem):
     `g++ -std=gnu++20 -O2`. It reads one case from stdin and prints T lines, one action per turn from turn 0:
     "i j" to strengthen machine (level i, id j) or "-1" to do nothing; lines starting with "#" are comments.
 
+    ## How the output is read (as the official tester reads it)
+    - The output must be UTF-8 text; any other byte, even in a comment, is a wrong answer.
+    - Lines are separated by "\n"; a line's tokens by Unicode whitespace (Rust's `split_whitespace`: ASCII
+      space, tab, CR, ..., and U+00A0, U+3000 and the other White_Space characters).
+    - A line with no token, or whose first token starts with "#", is skipped; every other line is one action.
+    - Tokens are read as 64-bit integers: an optional sign and ASCII digits ("-01" is -1, "+0" is 0; "1.0",
+      "1_000" and non-ASCII digits are not integers). An action is the single integer -1, or two integers i j.
+    - Reading stops after the T-th action: lines after it (a debug line, an extra "-1") are ignored.
+
     ## Verifier/metric
     The program runs in the sandbox once per case under the contest harness's time rule: `timeout_s` (2.0)
     seconds of CPU time and `timeout_s + wall_tolerance_s` (2.5) of wall clock, the sandbox's own start not
     counted (`contest.TimeRule`). Its output is simulated exactly in Python integers in the parent. A wrong
     answer scores the case 0 with the turn and the reason in `info["case_errors"]`: an unaffordable
-    strengthening, a level or id that does not exist, a line that is not an action, fewer or more than T
-    actions. (In the contest one wrong answer fails the whole submission; here only its case, as for AHC039.)
-    Output is capped at 1 MB a case. The score is the mean case score.
+    strengthening, a level or id that does not exist, a line that is not an action, fewer than T actions,
+    output that is not UTF-8. (In the contest one wrong answer fails the whole submission; here only its
+    case, as for AHC039.) Output is capped at 1 MB a case. The score is the mean case score.
 
     ## Reward and failure reward
     reward = mean case score (higher is better). A reply with no code block, a C++ compile error or a program
@@ -266,7 +275,8 @@ class AppleMachines(ContestProblem):
     memory_mb: address-space limit (default 1024, the contest's). compile_timeout_s: wall clock for g++ (60).
 
     ## Version history
-    v0: first release.
+    v0: first release. Revised: output read as the official tester reads it (T actions, then the rest
+    ignored; integers as integers; Unicode whitespace; UTF-8 only).
     """
 
     title: ClassVar[str] = "AtCoder Heuristic Contest 058: apple machines"
@@ -310,6 +320,6 @@ class AppleMachines(ContestProblem):
             "lines of N costs C_{i,j} (line i is level i; C_{0,0} = 1, other costs up to about 1.25e12).\n"
             'Output (stdout): exactly T lines, one per turn from turn 0: "i j" to strengthen machine\n'
             '(level i, id j), or "-1" to do nothing. Lines starting with "#" are comments. An unaffordable\n'
-            "strengthening, a level or id that does not exist, or a wrong number of actions scores the case 0.\n\n"
+            "strengthening, a level or id that does not exist, or fewer than T actions scores the case 0.\n\n"
             f"{self.time_rule_text()}"
         )

@@ -10,6 +10,7 @@ stored result of one, which is how restart states are re-checked without rerunni
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import sys
 import tempfile
@@ -86,6 +87,51 @@ def read_cases_dir(folder: str | Path, n_cases: int | None) -> list[tuple[str, b
     if too_big:
         raise ValueError(f"input file {too_big[0]!r} is larger than {MAX_INPUT_BYTES >> 20} MB")
     return [(p.name, p.read_bytes()) for p in chosen]
+
+
+#: Unicode White_Space, what the official testers (Rust: `char::is_whitespace`, `split_whitespace`, `trim`)
+#: separate tokens on: ASCII tab to carriage return and space, and these beyond ASCII (U+00A0 among them).
+#: Not Python's `str.split()`, which also splits on U+001C..U+001F.
+_WIDE_SPACE = "\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_WHITESPACE = re.compile(f"[\t-\r {_WIDE_SPACE}]+")
+_WIDE_WHITESPACE = re.compile(f"[{_WIDE_SPACE}]+")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def read_text(stdout: bytes) -> str:
+    """A program's output as the official testers read it: UTF-8 text, else a wrong answer (`InvalidSolution`)."""
+    try:
+        return stdout.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidSolution(
+            f"the output is not UTF-8 text (byte {stdout[exc.start]:#04x} at offset {exc.start}); the official "
+            "tester rejects it"
+        ) from None
+
+
+def split_whitespace(text: str) -> list[str]:
+    """The tokens of `text` separated by Unicode whitespace, as Rust's `split_whitespace` gives them."""
+    return [token for token in _WHITESPACE.split(text) if token]
+
+
+def ascii_spaces(stdout: bytes) -> bytes:
+    """`stdout` with every non-ASCII whitespace character replaced by an ASCII space, for byte-level parsers;
+    raise `InvalidSolution` unless it is UTF-8. ASCII output is returned as it is."""
+    if stdout.isascii():
+        return stdout
+    return _WIDE_WHITESPACE.sub(" ", read_text(stdout)).encode("utf-8")
+
+
+def read_int(token: str) -> int | None:
+    """`token` as a 64-bit integer as Rust's `str::parse::<i64>` reads it (an optional sign and ASCII digits:
+    "-01" is -1, "+7" is 7), or None when it is not one."""
+    if not _INTEGER.fullmatch(token):
+        return None
+    digits = token.lstrip("+-").lstrip("0") or "0"  # int() refuses over 4300 digits, leading zeros included
+    if len(digits) > 19:
+        return None
+    value = -int(digits) if token[0] == "-" else int(digits)
+    return value if -(2**63) <= value < 2**63 else None
 
 
 class ContestProblem(Problem):

@@ -63,6 +63,33 @@ CUDA_SHAPES = (
     {"seqlen": 768, "bs": 1, "dim": 384, "hidden_dim": 128, "nomask": False, "distribution": "normal"},
     {"seqlen": 1024, "bs": 1, "dim": 384, "hidden_dim": 128, "nomask": True, "distribution": "normal"},
 )
+#: GPUMode's eighteen test shapes (seqlen, bs, dim, hidden_dim, nomask, distribution): on CUDA, before any
+#: timing, each is run once, untimed, and its output checked against the reference, as GPUMode's harness does.
+#: Their fixed seeds are not used either. On CPU there is no such step (the scaled-down shapes are checked on
+#: every timed call).
+CUDA_TEST_SHAPES = tuple(
+    {"seqlen": n, "bs": bs, "dim": dim, "hidden_dim": hidden, "nomask": nomask, "distribution": distribution}
+    for n, bs, dim, hidden, nomask, distribution in (
+        (32, 1, 128, 128, True, "normal"),
+        (32, 1, 128, 128, False, "normal"),
+        (64, 2, 256, 128, True, "normal"),
+        (64, 2, 256, 128, False, "normal"),
+        (128, 1, 768, 128, True, "normal"),
+        (256, 1, 128, 128, True, "normal"),
+        (256, 1, 128, 128, False, "normal"),
+        (768, 2, 128, 128, True, "normal"),
+        (1024, 1, 384, 128, False, "normal"),
+        (1024, 1, 768, 128, True, "normal"),
+        (1024, 1, 768, 128, False, "normal"),
+        (32, 1, 128, 128, True, "cauchy"),
+        (64, 2, 256, 128, True, "cauchy"),
+        (128, 1, 768, 128, True, "cauchy"),
+        (256, 1, 128, 128, True, "cauchy"),
+        (768, 2, 128, 128, True, "cauchy"),
+        (1024, 1, 384, 128, False, "cauchy"),
+        (1024, 1, 768, 128, False, "cauchy"),
+    )
+)
 SHAPE_KEYS = frozenset(CPU_SHAPES[0])
 DISTRIBUTIONS = ("normal", "cauchy")
 #: CUDA reserves tens of GiB of virtual address space when it starts, so an address-space limit that
@@ -79,6 +106,9 @@ MAX_HEADER_BYTES = 1 << 16
 WORKER_GRACE_S = 5.0
 #: On CPU the code may use one core: CPU time over wall time above this (plus 5 ms) makes the attempt invalid.
 MAX_CORES = 1.5
+#: Output elements compared at a time: GPUMode's largest test shape has 805M, which compared at once in float64
+#: would take tens of GB in the parent.
+CHECK_CHUNK = 1 << 24
 
 #: The `task` module a GPUMode submission imports (`from task import input_t, output_t`).
 TASK_MODULE = '''\
@@ -223,18 +253,28 @@ BASELINE_CODE = (
 
 
 def check_output(out: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> tuple[str | None, float]:
-    """(why `out` is wrong or None, largest |out - expected|); wrong means |out - ref| > atol + rtol*|ref|."""
-    if not np.isfinite(out).all():
-        index = tuple(int(i) for i in np.argwhere(~np.isfinite(out))[0])
-        return f"custom_kernel returned a non-finite value at index {index}", math.inf
-    diff = np.abs(out.astype(np.float64) - expected)
-    worst = float(diff.max())
-    excess = diff - (atol + rtol * np.abs(expected))
-    if excess.max() > 0:
-        index = np.unravel_index(int(excess.argmax()), out.shape)
-        where = tuple(int(i) for i in index)
+    """(why `out` is wrong or None, largest |out - expected|); wrong means |out - ref| > atol + rtol*|ref|.
+    Compared CHECK_CHUNK elements at a time, so the parent's memory stays bounded whatever the shape."""
+    flat_out, flat_expected = out.reshape(-1), expected.reshape(-1)
+    worst, most, where = 0.0, 0.0, None
+    for start in range(0, flat_out.size, CHECK_CHUNK):
+        chunk = flat_out[start : start + CHECK_CHUNK]
+        finite = np.isfinite(chunk)
+        if not finite.all():
+            index = tuple(int(i) for i in np.unravel_index(start + int(np.argmin(finite)), out.shape))
+            return f"custom_kernel returned a non-finite value at index {index}", math.inf
+        reference = flat_expected[start : start + CHECK_CHUNK]
+        diff = np.abs(chunk.astype(np.float64) - reference)
+        worst = max(worst, float(diff.max()))
+        excess = diff - (atol + rtol * np.abs(reference))
+        k = int(excess.argmax())
+        if excess[k] > most:
+            most, where = float(excess[k]), start + k
+    if where is not None:
+        index = np.unravel_index(where, out.shape)
+        at = tuple(int(i) for i in index)
         return (
-            f"max |out - ref| = {worst:.4g}; at index {where} out = {float(out[index]):.6g}, ref = "
+            f"max |out - ref| = {worst:.4g}; at index {at} out = {float(out[index]):.6g}, ref = "
             f"{float(expected[index]):.6g}, beyond atol + rtol*|ref| (atol = {atol:g}, rtol = {rtol:g})"
         ), worst
     return None, worst
@@ -422,11 +462,13 @@ class Worker:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One evaluation: geometric means over shapes (microseconds) and the per-shape figures."""
+    """One evaluation: geometric means over shapes (microseconds), the per-shape figures and the largest error
+    on the untimed test shapes (0 when there are none)."""
 
     score: float
     reference_us: float
     shapes: list[dict[str, float]]
+    test_max_error: float = 0.0
 
 
 def _geometric_mean(values: list[float]) -> float:
@@ -471,12 +513,14 @@ class TriMul(Problem):
     GPUMode's generator (`make_inputs`): input ~ N(0, 1), or Cauchy(0, 2) as 2 tan(pi (u - 1/2)); mask all
     ones (nomask) or randint(0, 2); LayerNorm parameters ~ N(0, 1); the five projections ~ N(0, 1)/sqrt(hidden);
     to_out ~ N(0, 1)/sqrt(dim). The seed of every call is fresh from OS randomness (GPUMode's fixed seeds are
-    not used). Shapes: on CUDA GPUMode's seven ranked benchmark shapes (CUDA_SHAPES); on CPU the scaled-down
-    CPU_SHAPES (N 32-64, dim 32-64, hidden 32), so an evaluation takes seconds on one core.
+    not used). Shapes: on CUDA GPUMode's seven ranked benchmark shapes (CUDA_SHAPES), timed, after its
+    eighteen test shapes (CUDA_TEST_SHAPES), untimed; on CPU the scaled-down CPU_SHAPES (N 32-64, dim 32-64,
+    hidden 32), timed, and no test shapes, so an evaluation takes seconds on one core.
 
     ## Verifier and metric
     The parent holds the clock. Two sandboxed workers are started, one with the candidate, one with
-    BASELINE_CODE (the reference), and each says when it is ready. For every shape and repetition (`warmup`
+    BASELINE_CODE (the reference), and each says when it is ready. Each test shape (if any) is first run once
+    through both, untimed, and its output checked as below. Then for every shape and repetition (`warmup`
     untimed, then `reps` timed) the parent draws a seed, sends it to each worker in turn (alternating who goes
     first) and times from the send to the last byte of the reply, which carries the whole output: drawing the
     inputs from the seed on the device, the kernel, and bringing the output back to the parent are inside the
@@ -491,7 +535,7 @@ class TriMul(Problem):
     left running can slow the reference down and inflate the ratio. Per shape the figure is the median of the
     `reps` timed calls; `score` is the geometric mean over shapes, in microseconds (lower is better). `info`
     has `reference_us` (same statistic for the reference, same run), `speedup` (their ratio), `shape_us` and
-    `max_error`.
+    `max_error` (timed calls) and `test_max_error` (test shapes).
 
     Limits of the figure: the window includes input generation and the device-to-host copy of the output, so
     absolute times exceed the kernel's and speed-ups are understated, most at large shapes on CUDA, where the
@@ -520,14 +564,17 @@ class TriMul(Problem):
     ## Arguments
     device: "auto" (CUDA when available), "cpu" or "cuda". gpu: index of the GPU to pin (among the parent's
     CUDA_VISIBLE_DEVICES when set). shapes: list of dicts with seqlen, bs, dim, hidden_dim, nomask and
-    distribution ("normal" or "cauchy"); default CPU_SHAPES or CUDA_SHAPES. warmup, reps: untimed and timed
-    calls per shape (2 and 10). atol, rtol: output tolerance (2e-2). reference_us: fix the reward's
-    calibration instead of measuring it. timeout_s: wall clock of one whole evaluation, worker start-up
+    distribution ("normal" or "cauchy"); default CPU_SHAPES or CUDA_SHAPES. test_shapes: shapes checked once,
+    untimed, before timing, in the same form; default CUDA_TEST_SHAPES on CUDA, none on CPU (the CUDA order
+    can be exercised on CPU with small ones; `scripts/trimul_gpu_check.py --dry-run` does). warmup, reps:
+    untimed and timed calls per shape (2 and 10). atol, rtol: output tolerance (2e-2). reference_us: fix the
+    reward's calibration instead of measuring it. timeout_s: wall clock of one whole evaluation, worker start-up
     included (60 s). memory_mb: address-space limit per worker (4096 on CPU; lifted on CUDA).
 
     ## Version history
     v0: GPUMode's interface (data, weight names, config, integer mask, Cauchy(0, 2) inputs, `task` module);
-    timing by the parent over a socket, the reference in its own worker.
+    timing by the parent over a socket, the reference in its own worker. Revised: GPUMode's test shapes
+    checked, untimed, before timing on CUDA.
     """
 
     title: ClassVar[str] = "TriMul: triangle multiplicative update kernel (outgoing edges)"
@@ -541,6 +588,7 @@ class TriMul(Problem):
         device: str = "auto",
         gpu: int = 0,
         shapes: list[dict[str, Any]] | None = None,
+        test_shapes: list[dict[str, Any]] | None = None,
         warmup: int = 2,
         reps: int = 10,
         atol: float = 2e-2,
@@ -567,6 +615,8 @@ class TriMul(Problem):
         self.shapes = [_check_shape(s) for s in (default_shapes if shapes is None else shapes)]
         if not self.shapes:
             raise ValueError("TriMul needs at least one shape")
+        default_tests = CUDA_TEST_SHAPES if device == "cuda" else ()
+        self.test_shapes = [_check_shape(s) for s in (default_tests if test_shapes is None else test_shapes)]
         self.device = device
         self.visible_devices = _pinned_device(gpu) if device == "cuda" else None
         self.warmup, self.reps = warmup, reps
@@ -582,11 +632,10 @@ class TriMul(Problem):
             if self.device == "cuda"
             else "on one CPU core (using more than one, e.g. with thread pools, makes the attempt invalid)"
         )
-        shapes = "\n".join(
-            f"- bs={s['bs']}, seqlen={s['seqlen']}, dim={s['dim']}, hidden_dim={s['hidden_dim']}, "
-            f"{'no mask' if s['nomask'] else 'random integer mask'}, {s['distribution']} inputs"
-            for s in self.shapes
-        )
+        shapes = "\n".join(map(_describe, self.shapes))
+        tests = "\n".join(map(_describe, self.test_shapes))
+        if tests:
+            tests = f"Before any timing, your output is checked once (untimed) on each of these test shapes:\n{tests}\n"
         return (
             f"# {self.title}\n"
             "Write a faster `custom_kernel(data)` that computes what GPUMode's TriMul reference below computes\n"
@@ -598,7 +647,7 @@ class TriMul(Problem):
             "(hidden_dim, dim), to_out_norm.weight/bias (hidden_dim) and to_out.weight (dim, hidden_dim); config\n"
             f"is {{'dim', 'hidden_dim'}}. Everything is on device '{self.device}'; return a float tensor\n"
             "(bs, seqlen, seqlen, dim) on it. `from task import input_t, output_t` is available.\n"
-            f"Your code runs {where}, on these shapes:\n{shapes}\n"
+            f"{tests}Your code runs {where}, on these shapes:\n{shapes}\n"
             f"Every call gets fresh random inputs and every output is checked: |out - ref| <= {self.atol:g} +\n"
             f"{self.rtol:g} * |ref| everywhere, or the attempt is invalid. Each shape is run {self.warmup} times\n"
             f"untimed, then {self.reps} times timed; the score is the geometric mean over shapes of the median\n"
@@ -625,12 +674,17 @@ class TriMul(Problem):
     def measure(self, code: str) -> Measurement:
         """Check and time `code` against the reference, each in its own worker; raise `InvalidSolution`."""
         limits = replace(self.limits, timeout_s=self.limits.timeout_s + WORKER_GRACE_S)
-        config = {"device": self.device, "shapes": self.shapes, "visible_devices": self.visible_devices}
+        # Test shape k is the worker's shape len(self.shapes) + k.
+        all_shapes = [*self.shapes, *self.test_shapes]
+        config = {"device": self.device, "shapes": all_shapes, "visible_devices": self.visible_devices}
         deadline = time.monotonic() + self.limits.timeout_s
         reference = Worker(BASELINE_CODE, config, limits, is_reference=True)
         try:
             candidate = Worker(code, config, limits)
             try:
+                self._call(reference, "connect", deadline)
+                self._call(candidate, "connect", deadline)
+                test_max_error = self._check(reference, candidate, deadline)
                 shapes = self._time(reference, candidate, deadline)
             finally:
                 candidate.close()
@@ -640,14 +694,30 @@ class TriMul(Problem):
             score=_geometric_mean([s["candidate_us"] for s in shapes]),
             reference_us=_geometric_mean([s["reference_us"] for s in shapes]),
             shapes=shapes,
+            test_max_error=test_max_error,
         )
         self._remember(code, measured)
         return measured
 
+    def _check(self, reference: Worker, candidate: Worker, deadline: float) -> float:
+        """GPUMode's correctness step, before any timing: each test shape once, untimed, the candidate's output
+        against the reference's on the same fresh inputs. Raise `InvalidSolution` at the first wrong output;
+        return the largest error."""
+        worst = 0.0
+        for k, spec in enumerate(self.test_shapes):
+            index, seed = len(self.shapes) + k, secrets.randbits(63)
+            shape = (spec["bs"], spec["seqlen"], spec["seqlen"], spec["dim"])
+            expected = self._call(reference, "call", deadline, index, seed, shape)[0]
+            out = self._call(candidate, "call", deadline, index, seed, shape)[0]
+            why, err = check_output(out, expected, self.atol, self.rtol)
+            if why is not None:
+                raise InvalidSolution(f"wrong output on test shape {k} ({spec}), checked before timing: {why}")
+            worst = max(worst, err)
+        return worst
+
     def _time(self, reference: Worker, candidate: Worker, deadline: float) -> list[dict[str, float]]:
-        """Run every shape and repetition through both workers; the per-shape medians (us) and worst error."""
-        self._call(reference, "connect", deadline)
-        self._call(candidate, "connect", deadline)
+        """Run every shape and repetition through both (connected) workers; the per-shape medians (us) and worst
+        error."""
         report = []
         for index, spec in enumerate(self.shapes):
             shape = (spec["bs"], spec["seqlen"], spec["seqlen"], spec["dim"])
@@ -728,6 +798,7 @@ class TriMul(Problem):
             "speedup": measured.reference_us / measured.score,
             "shape_us": [s["candidate_us"] for s in measured.shapes],
             "max_error": max(s["max_error"] for s in measured.shapes),
+            "test_max_error": measured.test_max_error,
         }
         return Evaluation(score=measured.score, reward=self.reward(measured.score), code=code, details=details)
 
@@ -751,6 +822,13 @@ class TriMul(Problem):
             f"(reward {state['reward']:.3f}: the reference's time over this one)\n\n"
             f"Code that produced it:\n```python\n{state['code'].rstrip()}\n```"
         )
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    return (
+        f"- bs={spec['bs']}, seqlen={spec['seqlen']}, dim={spec['dim']}, hidden_dim={spec['hidden_dim']}, "
+        f"{'no mask' if spec['nomask'] else 'random integer mask'}, {spec['distribution']} inputs"
+    )
 
 
 def _pinned_device(gpu: int) -> str:
