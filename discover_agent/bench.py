@@ -30,7 +30,7 @@ from discover_agent.agents import AGENTS, Agent, PUCTSearch, open_env
 from discover_agent.config import AgentConfig
 from discover_agent.plots import plot_leaderboard
 from discover_agent.rundir import RunDir
-from discover_agent.storage import atomic_write_bytes, read_json, write_json
+from discover_agent.storage import CorruptFile, atomic_write_bytes, read_json, write_json
 
 #: Published figures for context (full-size problems; TTT-Discover paper and ../shared/fixtures/README.md).
 REFERENCES: dict[str, list[tuple[str, float]]] = {
@@ -172,7 +172,7 @@ def run_bench(
                 }  # fmt: skip
                 done = run_out / "result.json"
                 if done.is_file():  # finished in an earlier invocation: a bench resumes across sessions
-                    entries.append(json.loads(done.read_text()))
+                    entries.append(read_entry(done))
                     continue
                 config = _config_for(spec.cls, fields)
                 key = str(run_out)
@@ -200,14 +200,48 @@ def run_bench(
 
 def _mean_rewards(run_out: Path) -> list[float]:
     """The learning curve of a run that keeps the shared run folder (mean reward of each step), else []."""
-    path = run_out / "checkpoint.json"
-    return [float(row["mean_reward"]) for row in read_json(path)["metrics"]] if path.is_file() else []
+    checkpoint = RunDir(run_out).checkpoint()
+    return [float(row["mean_reward"]) for row in checkpoint["metrics"]] if checkpoint else []
 
 
 def _checkpointed_rollouts(run_out: Path) -> int:
     """Rollouts of the steps an interrupted run committed (a step in flight is redone on resume)."""
-    path = run_out / "checkpoint.json"
-    return int(read_json(path)["rollouts"]) if path.is_file() else 0
+    checkpoint = RunDir(run_out).checkpoint()
+    return checkpoint["rollouts"] if checkpoint else 0
+
+
+#: What the leaderboard reads from each result.json: field -> (description, check).
+_ENTRY_FIELDS: dict[str, tuple[str, Any]] = {
+    "env": ("a string", lambda v: isinstance(v, str)),
+    "agent": ("a string", lambda v: isinstance(v, str)),
+    "model": ("a string", lambda v: isinstance(v, str)),
+    "rollouts": ("an integer", lambda v: type(v) is int),
+    "seed": ("an integer", lambda v: type(v) is int),
+    "wall_s": ("a number", lambda v: type(v) in (int, float)),
+    "best_score": ("a number or null", lambda v: v is None or type(v) in (int, float)),
+    "env_kwargs": ("an object", lambda v: isinstance(v, dict)),
+    "curve": (
+        "a list of [rollouts, score] pairs",
+        lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 and _numbers(p) for p in v),
+    ),
+    "mean_reward_per_step": ("a list of numbers", lambda v: isinstance(v, list) and _numbers(v)),
+}
+_OPTIONAL_FIELDS = ("env_kwargs", "curve", "mean_reward_per_step")
+
+
+def _numbers(values: list[Any]) -> bool:
+    return all(type(v) in (int, float) for v in values)
+
+
+def read_entry(path: Path) -> dict[str, Any]:
+    """A run's result.json, with a `ValueError` naming the file and the first field the leaderboard cannot read."""
+    entry = read_json(path)
+    if not isinstance(entry, dict):
+        raise CorruptFile(f"{path} is not a JSON object: not a result.json of `discover bench`")
+    for field, (what, ok) in _ENTRY_FIELDS.items():
+        if (field in entry or field not in _OPTIONAL_FIELDS) and not ok(entry.get(field)):
+            raise CorruptFile(f"{path}: {field!r} must be {what}, got {json.dumps(entry.get(field))[:80]}")
+    return entry
 
 
 def _config_for(agent_cls: type[Agent], fields: dict[str, Any]) -> AgentConfig:
@@ -236,7 +270,7 @@ def write_leaderboards(runs: Path, dest: Path) -> list[Path]:
     """Gather every result.json under `runs` into per-env leaderboard files plus an index; returns the files."""
     by_env: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in sorted(runs.rglob("result.json")):
-        entry = json.loads(path.read_text())
+        entry = read_entry(path)
         by_env[entry["env"]].append(entry)
     if not by_env:
         raise ValueError(f"no result.json under {runs}: run `discover bench --out {runs}` first")
