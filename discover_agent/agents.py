@@ -142,7 +142,9 @@ class Agent(ABC):
         self._inner = StepProgress(False)  # the in-step bar; `SearchAgent._run` shows a live one
 
     @abstractmethod
-    def run(self, progress: bool = True) -> RunResult: ...
+    def run(self, progress: bool = True, resume: bool = False) -> RunResult:
+        """Run into `config.out`; `resume=True` continues the run held there (or starts it over, if the agent
+        cannot continue one), as `discover bench` asks after an interruption."""
 
 
 class SearchAgent(Agent):

@@ -28,7 +28,7 @@ import gymnasium as gym
 import discover_envs  # noqa: F401 - registers the env ids
 from discover_agent.agents import Agent, PUCTSearch
 from discover_agent.config import AgentConfig
-from discover_agent.leaderboard import slug
+from discover_agent.leaderboard import read_entry, slug
 from discover_agent.registry import AGENTS
 from discover_agent.rundir import RunDir, code_version
 from discover_agent.storage import read_json, write_json
@@ -154,7 +154,7 @@ def run_bench(
                 }  # fmt: skip
                 done = run_out / "result.json"
                 if done.is_file():  # finished in an earlier invocation: a bench resumes across sessions
-                    entries.append(json.loads(done.read_text()))
+                    entries.append(read_entry(done))
                     continue
                 config = _config_for(spec.cls, fields)
                 key = str(run_out)
@@ -193,13 +193,12 @@ DIAGNOSTICS = ("valid_frac", "mean_reward", "mean_valid_reward", "improve_rate",
 def _per_step(run_out: Path) -> dict[str, list[float | None]]:
     """The diagnostics of each step of a run that keeps the shared run folder (None where a step has no value,
     e.g. the valid-only mean reward of a step without a valid reply), else {}."""
-    path = run_out / "checkpoint.json"
-    if not path.is_file():
+    checkpoint = RunDir(run_out).checkpoint()
+    if not checkpoint:
         return {}
-    rows = read_json(path)["metrics"]
     series = {}
     for name in DIAGNOSTICS:
-        values = [row.get(name) for row in rows]
+        values = [row.get(name) for row in checkpoint["metrics"]]
         if any(v is not None for v in values):
             series[name] = [float(v) if v is not None and math.isfinite(v) else None for v in values]
     return series
@@ -207,8 +206,8 @@ def _per_step(run_out: Path) -> dict[str, list[float | None]]:
 
 def _checkpointed_rollouts(run_out: Path) -> int:
     """Rollouts of the steps an interrupted run committed (a step in flight is redone on resume)."""
-    path = run_out / "checkpoint.json"
-    return int(read_json(path)["rollouts"]) if path.is_file() else 0
+    checkpoint = RunDir(run_out).checkpoint()
+    return checkpoint["rollouts"] if checkpoint else 0
 
 
 def _config_for(agent_cls: type[Agent], fields: dict[str, Any]) -> AgentConfig:

@@ -156,6 +156,7 @@ def cmd_run(argv: list[str]) -> int:
 
 def cmd_resume(argv: list[str]) -> int:
     from discover_agent.registry import AGENTS
+    from discover_agent.rundir import RunDir
 
     parser = Parser(
         prog="discover resume",
@@ -168,6 +169,7 @@ def cmd_resume(argv: list[str]) -> int:
     args = vars(parser.parse_args(argv))
     out, quiet = args.pop("out"), args.pop("quiet")
     config_path = Path(out, "config.json")
+    RunDir(out).refuse_links([config_path])
     if not config_path.is_file():
         parser.error(f"{config_path} not found: is {out!r} the --out folder of a run?")
     agent, saved = load_run_config(config_path)

@@ -8,8 +8,10 @@ remove the seed-to-seed spread that unpaired means carry.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from scipy import stats
 
 from discover_agent.agents import open_env
 from discover_agent.plots import plot_leaderboard
-from discover_agent.storage import atomic_write_bytes, read_json, write_json
+from discover_agent.storage import CorruptFile, atomic_write_bytes, read_json, write_json
 
 #: The agent every other one is compared with.
 REFERENCE = "ttt"
@@ -95,14 +97,52 @@ def valid_curve(entry: dict[str, Any]) -> list[float]:
     return [math.nan if v is None else float(v) for v in values]
 
 
+#: What the leaderboard reads from each result.json: field -> (description, check).
+_ENTRY_FIELDS: dict[str, tuple[str, Any]] = {
+    "env": ("a string", lambda v: isinstance(v, str)),
+    "agent": ("a string", lambda v: isinstance(v, str)),
+    "model": ("a string", lambda v: isinstance(v, str)),
+    "rollouts": ("an integer", lambda v: type(v) is int),
+    "seed": ("an integer", lambda v: type(v) is int),
+    "wall_s": ("a number", lambda v: type(v) in (int, float)),
+    "best_score": ("a number or null", lambda v: v is None or type(v) in (int, float)),
+    "env_kwargs": ("an object", lambda v: isinstance(v, dict)),
+    "curve": (
+        "a list of [rollouts, score] pairs",
+        lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 and _numbers(p) for p in v),
+    ),
+    "mean_reward_per_step": ("a list of numbers", lambda v: isinstance(v, list) and _numbers(v)),
+    "per_step": (
+        "an object of lists of numbers or nulls",
+        lambda v: (
+            isinstance(v, dict)
+            and all(isinstance(c, list) and _numbers(x for x in c if x is not None) for c in v.values())
+        ),
+    ),
+}
+_OPTIONAL_FIELDS = ("env_kwargs", "curve", "mean_reward_per_step", "per_step")
+
+
+def _numbers(values: Iterable[Any]) -> bool:
+    return all(type(v) in (int, float) for v in values)
+
+
+def read_entry(path: Path) -> dict[str, Any]:
+    """A run's result.json, with a `ValueError` naming the file and the first field the leaderboard cannot read."""
+    entry = read_json(path)
+    if not isinstance(entry, dict):
+        raise CorruptFile(f"{path} is not a JSON object: not a result.json of `discover bench`")
+    for field, (what, ok) in _ENTRY_FIELDS.items():
+        if (field in entry or field not in _OPTIONAL_FIELDS) and not ok(entry.get(field)):
+            raise CorruptFile(f"{path}: {field!r} must be {what}, got {json.dumps(entry.get(field))[:80]}")
+    return entry
+
+
 def write_leaderboards(runs: Path, dest: Path) -> list[Path]:
     """Gather every result.json under `runs` into per-env leaderboard files plus an index; returns the files."""
     by_env: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in sorted(runs.rglob("result.json")):
-        entry = read_json(path)
-        missing = {"env", "agent", "seed", "rollouts", "best_score"} - set(entry if isinstance(entry, dict) else {})
-        if missing:
-            raise ValueError(f"{path} is not a bench entry: it lacks {sorted(missing)}")
+        entry = read_entry(path)
         by_env[entry["env"]].append(entry)
     if not by_env:
         raise ValueError(f"no result.json under {runs}: run `discover bench --out {runs}` first")

@@ -54,7 +54,10 @@ class OpenEvolveAgent(Agent):
     name = "openevolve"
     config_class = OpenEvolveConfig
 
-    def run(self, progress: bool = True) -> RunResult:
+    def run(self, progress: bool = True, resume: bool = False) -> RunResult:
+        """OpenEvolve keeps no state discover can continue from, so `resume=True` (an interrupted bench) starts
+        the run over: the rows the interrupted run logged are dropped, and `discover bench` counts none of its
+        steps (it has no checkpoint)."""
         try:
             from openevolve import OpenEvolve
             from openevolve.config import Config
@@ -73,6 +76,8 @@ class OpenEvolveAgent(Agent):
         start = info["state"]
         env.close()
         out = Path(cfg.out)
+        if resume:
+            (out / "rollouts.jsonl").unlink(missing_ok=True)
         program = out / "openevolve" / "initial_program.py"
         program.parent.mkdir(parents=True, exist_ok=True)
         program.write_text(start.get("code") or IDENTITY_PROGRAM)

@@ -35,8 +35,10 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def append_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Append whole lines and fsync, so a crash leaves at most the unfinished step's lines to drop."""
-    with open(path, "a", encoding="utf-8") as fh:
+    """Append whole lines and fsync, so a crash leaves at most the unfinished step's lines to drop. A link at
+    `path` is refused (OSError), not followed."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with open(fd, "a", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, allow_nan=False) + "\n")
         fh.flush()
@@ -53,6 +55,8 @@ def read_json(path: str | Path) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptFile(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise CorruptFile(f"{path} is not valid JSON: nested too deeply") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -69,8 +73,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     for number, line in enumerate(lines, start=1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CorruptFile(f"{path}:{number}: not a JSON row ({exc.msg}); fix or delete that line") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            raise CorruptFile(f"{path}:{number}: not a JSON row ({why}); fix or delete that line") from None
         if not isinstance(row, dict):
             raise CorruptFile(f"{path}:{number}: a row must be a JSON object, got {type(row).__name__}")
         rows.append(row)

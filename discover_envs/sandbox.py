@@ -391,8 +391,9 @@ def run_program(
 
     stdout is kept up to `limits.file_mb`, stderr up to 1 MB. Under bwrap only the folder and the read-only
     system paths are visible, so programs and their inputs belong in `files` or the folder. A given `workdir`
-    must not be shared by runs that overlap in time: the clean-up kills processes whose cwd is in it. Raises
-    `IsolationUnavailable` when no allowed mode exists (nothing is run).
+    must not be shared by runs that overlap in time: the clean-up kills processes whose cwd is in it; a folder
+    an earlier run's code could write may hold anything, so give each run a fresh one. Raises
+    `IsolationUnavailable` when no allowed mode exists (nothing is run), `ValueError` when `workdir` is a link.
     """
     if not argv:
         raise ValueError("argv must name a program to run")
@@ -402,13 +403,39 @@ def run_program(
     own_dir = workdir is None
     work = tempfile.mkdtemp(prefix="discover-sandbox-") if own_dir else os.path.abspath(workdir)
     try:
+        folder = _folder_identity(work)
         for name, data in (files or {}).items():
             _put(work, name, data)
         launcher = [sys.executable, "-I", "-S", str(_RUNNER), "LIMITS", work, "--exec", *argv]
-        return _run(launcher, limits, mode, work, stdin, stdout_cap=limits.file_mb << 20, tail=False)
+        return _run(launcher, limits, mode, work, folder, stdin, stdout_cap=limits.file_mb << 20, tail=False)
     finally:
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _folder_identity(work: str) -> tuple[int, int]:
+    """(device, inode) of the run's folder, which must be a folder, not a link: what `_hand_over` checks."""
+    info = os.lstat(work)
+    if not stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"the run's folder {work!r} is a link or not a folder; give each run a folder of its own")
+    return info.st_dev, info.st_ino
+
+
+def _hand_over(work: str, folder: tuple[int, int]) -> None:
+    """Give the run's folder to the unprivileged uid through a descriptor opened without following a link and
+    checked to be `folder`: a link or another folder put at its path is refused, never chowned (as root, a
+    chown by path would follow a link planted by an earlier run's code to any host path)."""
+    try:
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"the run's folder {work!r} cannot be opened as a folder: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != folder:
+            raise ValueError(f"the run's folder {work!r} was replaced before the run; refusing to hand it over")
+        os.fchown(fd, UNPRIVILEGED_ID, UNPRIVILEGED_ID)
+    finally:
+        os.close(fd)
 
 
 def _relative(name: str) -> str:
@@ -435,13 +462,21 @@ def _put(work: str, name: str, data: bytes) -> None:
 
 
 def _run(
-    argv: list[str], limits: SandboxLimits, mode: str, work: str, stdin: bytes, *, stdout_cap: int, tail: bool
+    argv: list[str],
+    limits: SandboxLimits,
+    mode: str,
+    work: str,
+    folder: tuple[int, int],
+    stdin: bytes,
+    *,
+    stdout_cap: int,
+    tail: bool,
 ) -> ProcessResult:
     _record(mode)
     token = secrets.token_hex(16)
     drop = _drops(mode)
     if drop:
-        os.chown(work, UNPRIVILEGED_ID, UNPRIVILEGED_ID)
+        _hand_over(work, folder)
     cgroup = RunCgroup(limits.memory_mb, limits.processes, token) if cgroup_parents() else None
     try:
         nproc = 0 if cgroup or not drop else limits.processes
@@ -600,6 +635,7 @@ def run_function(code: str, entry: str, kwargs: Mapping[str, Any], limits: Sandb
         return SandboxResult(False, None, f"the code is not valid Unicode text: {exc.reason} at {exc.start}", mode, 0.0)
     work = tempfile.mkdtemp(prefix="discover-sandbox-")
     try:
+        folder = _folder_identity(work)
         arrays = {k: v for k, v in kwargs.items() if isinstance(v, np.ndarray)}
         plain = {k: v for k, v in kwargs.items() if k not in arrays}
         for name, array in arrays.items():
@@ -610,7 +646,7 @@ def run_function(code: str, entry: str, kwargs: Mapping[str, Any], limits: Sandb
         for name in os.listdir(work):
             os.chmod(Path(work, name), 0o644)
         argv = [sys.executable, "-I", str(_RUNNER), "LIMITS", work]
-        proc = _run(argv, limits, mode, work, b"", stdout_cap=_TAIL, tail=True)
+        proc = _run(argv, limits, mode, work, folder, b"", stdout_cap=_TAIL, tail=True)
         stdout = proc.stdout.decode(errors="replace")
         if proc.timed_out:
             return SandboxResult(False, None, proc.status, proc.mode, proc.wall_s, stdout, proc.cpu_s)

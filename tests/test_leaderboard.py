@@ -85,6 +85,7 @@ def test_entries_written_before_the_diagnostics_still_make_a_table(tmp_path):
 
 
 def test_a_result_file_that_is_not_an_entry_is_named(tmp_path):
-    write_json(tmp_path / "runs" / "x" / "result.json", {"env": ENV, "agent": "ttt"})
-    with pytest.raises(ValueError, match="lacks"):
+    no_rollouts = {"env": ENV, "agent": "ttt", "model": "m", "seed": 0, "wall_s": 1.0, "best_score": 1.5}
+    write_json(tmp_path / "runs" / "x" / "result.json", no_rollouts)
+    with pytest.raises(ValueError, match="'rollouts' must be an integer"):
         write_leaderboards(tmp_path / "runs", tmp_path / "lb")

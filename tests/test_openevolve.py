@@ -78,3 +78,18 @@ def test_bench_runs_openevolve_against_discover_serve(server, tmp_path):
     start = gym.make(ENV, **KWARGS).unwrapped.reset(seed=0)[1]["state"]
     assert rows[0]["score"] == start["score"] and entry["best_score"] <= start["score"]
     assert json.loads((run / "best.json").read_text())["state"]["score"] == entry["best_score"]
+
+
+@pytest.mark.slow
+def test_bench_starts_an_interrupted_openevolve_run_over(server, tmp_path):
+    """Before, the bench resumed it with `run(resume=True)`, which OpenEvolve's agent did not take (issue #26)."""
+    pytest.importorskip("openevolve", reason="openevolve is not installed (pip install 'discover[openevolve]')")
+    common = {"endpoint": server, "model": "tiny", "env_kwargs": KWARGS, "groups": 1, "group_size": 2, "workers": 1,
+              "max_new_tokens": 64}  # fmt: skip
+    run = tmp_path / "ErdosMinOverlap-v0" / "openevolve" / "seed0"
+    run.mkdir(parents=True)
+    (run / "rollouts.jsonl").write_text('{"step": 0, "reward": 9.0, "score": 0.1, "valid": true}\n')
+    [entry] = run_bench([ENV], ["openevolve"], 4, [0], tmp_path, common, progress=False)
+    rows = read_jsonl(run / "rollouts.jsonl")
+    assert 1 <= entry["rollouts"] == len(rows) <= 4
+    assert rows[0]["reward"] != 9.0, "the interrupted run's rows are dropped"

@@ -179,6 +179,24 @@ def test_a_link_left_in_a_reused_folder_does_not_redirect_the_parents_writes(tmp
     assert victim.read_text() == "intact"
 
 
+def test_a_link_left_at_a_reused_folders_path_is_refused_not_chowned(tmp_path, unisolated_as_nobody):
+    """As root, the folder is handed to uid 65534 through a descriptor of the folder itself: before, a chown by
+    path followed the link the first run's code left in its folder's place (issue #26)."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    work = tempfile.mkdtemp(prefix="discover-trust-")
+    moved = f"{work}-moved"
+    limits = SandboxLimits(timeout_s=20.0, isolation="none", unsafe_no_isolation=True)
+    try:
+        first = run_program(["/bin/sh", "-c", f'mv "$PWD" {moved} && ln -s {victim} {work}'], limits, workdir=work)
+        assert first.returncode == 0, first.stderr
+        with pytest.raises(ValueError, match="is a link or not a folder"):
+            run_program(["/bin/true"], limits, workdir=work)
+    finally:
+        subprocess.run(["rm", "-rf", work, moved], check=True)
+    assert victim.stat().st_uid == 0
+
+
 @needs_bwrap
 def test_the_run_dies_with_a_killed_agent(tmp_path):
     """kill -9 of the process that started a run takes the run's whole process tree with it."""

@@ -3,7 +3,9 @@
 Both figures need the autoconvolution of n = 30,000-100,000 step heights, which a direct convolution computes
 in O(n^2). `convolve_exact_max` uses an FFT instead and then recomputes, with exact dot products, every entry
 that the FFT's rounding could have made or kept from being the maximum, so the maximum is the one a direct
-convolution would give (to float64 dot-product accuracy), never an FFT artefact.
+convolution would give (to float64 dot-product accuracy), never an FFT artefact. That re-check has a budget
+(`MAX_RECHECK_WORK`): a construction whose maximum is a plateau too wide to re-check in it is refused as an
+invalid attempt ("verifier budget exceeded"), never scored from the FFT alone.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ DIRECT_MAX_WORK = 1 << 20
 FFT_ERROR_C = 16.0
 #: Elements gathered per block when re-checking candidate maxima (bounds memory at 32 MiB).
 RECHECK_BLOCK = 1 << 22
+#: Multiply-adds the exact re-check may cost (about a second): every entry up to n = 11,585, and 1,342
+#: candidates at n = 200,000, where the published constructions need one. A flat 200,000-step box needed
+#: 100,002 (~2·10^10 multiply-adds, a minute of the parent's CPU) before this budget.
+MAX_RECHECK_WORK = 1 << 28
 
 
 def fft_error_bound(a: np.ndarray, b: np.ndarray, size: int) -> float:
@@ -64,7 +70,8 @@ def convolve_exact_max(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, float]
 
     Every entry whose FFT value is within twice the error bound of the FFT maximum could be the true maximum
     (the true maximum's FFT value is at least max - 2·bound), so all of them are recomputed directly. For the
-    published constructions that is one entry; an adversarial flat input costs about a direct convolution.
+    published constructions that is one entry; when recomputing them would cost more than `MAX_RECHECK_WORK`
+    multiply-adds (a flat maximum), `InvalidSolution` says the verifier's budget is exceeded.
     """
     if a.size * b.size <= DIRECT_MAX_WORK:
         full = np.convolve(a, b)
@@ -76,6 +83,12 @@ def convolve_exact_max(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, float]
     full = irfft(spectrum_a * spectrum_b, size)[:n_out]
     bound = fft_error_bound(a, b, size)
     candidates = np.flatnonzero(full >= full.max() - 2.0 * bound)
+    if candidates.size * a.size > MAX_RECHECK_WORK:
+        raise InvalidSolution(
+            f"verifier budget exceeded: {candidates.size} entries of the convolution tie for its maximum within "
+            f"the FFT's rounding, and re-checking them exactly takes {candidates.size * a.size:.3g} multiply-adds "
+            f"(budget {MAX_RECHECK_WORK:.3g}); make the maximum less flat or use fewer steps"
+        )
     return full, float(_exact_entries(a, b, candidates).max())
 
 
@@ -128,7 +141,8 @@ class FirstAutocorrelation(_Autocorrelation):
     bound = 2n · max(a*a) / (Σa)², with a*a = numpy.convolve(a, a). a*a is computed with an FFT when
     n > 1024; every entry within twice the FFT error bound (`fft_error_bound`, 16·log2(N)·eps·2‖a‖₁‖a‖₂) of the
     FFT maximum is recomputed as a direct dot product, so the maximum is exact to float64 dot-product
-    accuracy even where the FFT's rounding would pick another index.
+    accuracy even where the FFT's rounding would pick another index. A maximum too flat to re-check within
+    `MAX_RECHECK_WORK` multiply-adds is an invalid attempt ("verifier budget exceeded").
 
     ## Reward
     reward = 1 / bound (higher is better, as in TTT-Discover); an invalid attempt gets `failure_reward` = 0,
@@ -187,7 +201,8 @@ class SecondAutocorrelation(_Autocorrelation):
     linear through the nodes y = [0, c, 0], c = a*a, at spacing h = 1/(len(c) + 1), so its norms are exact:
     L2² = (h/3) Σ (y_i² + y_i y_{i+1} + y_{i+1}²) over consecutive pairs, L1 = Σ|c| · h (= (Σa)² · h, computed
     that way), L∞ = max|c|; bound = L2² / (L1 · L∞). c comes from an FFT when n > 1024 (negative rounding
-    noise clipped to 0); L∞ is exact to float64 dot-product accuracy as in AC1, and the FFT error B per entry
+    noise clipped to 0); L∞ is exact to float64 dot-product accuracy as in AC1 (with its re-check budget),
+    and the FFT error B per entry
     (`fft_error_bound`) moves L2² by at most 6·B·(Σa)²·h/3, i.e. the figure by a relative ~1e-13 for the
     published construction.
 

@@ -5,11 +5,18 @@ Test cases come from seeds (the task's generator) or from a folder of official i
 scores on the contest's public inputs are comparable case by case with the contest's. A subclass supplies the
 case format (`generate_input`, `parse_input`) and the judge (`judge` for a fresh output, `rejudge` for the
 stored result of one, which is how restart states are re-checked without rerunning any program).
+
+Every case runs in a fresh folder of its own, as the contest runs cases independently: nothing a run leaves
+there (files, links) reaches the next case or this process. The case folders live in a root-owned folder the
+code cannot write, so the code cannot move its folder away and leave a link in its place for this process to
+follow.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import os
 import re
 import shutil
 import sys
@@ -23,13 +30,15 @@ from typing import Any, ClassVar
 import numpy as np
 
 from discover_envs.problem import Evaluation, InvalidSolution, InvalidState, Problem, extract_block
-from discover_envs.sandbox import ProcessResult, SandboxLimits, run_program
+from discover_envs.sandbox import ProcessResult, SandboxLimits, _open_regular, run_program
 from discover_envs.state import make_state
 
 LANGUAGES = {"python": "python", "py": "python", "cpp": "cpp", "c++": "cpp"}
 MAX_CASES = 10_000
 #: Largest official input file read from `cases_dir`; the contests' inputs are at most a few hundred kB.
 MAX_INPUT_BYTES = 16 << 20
+#: Largest compiled C++ program, held in memory and copied into every case's folder (contest programs: < 5 MB).
+MAX_PROGRAM_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,12 @@ class TimeRule:
     """The harness's rule: a case times out when the program uses more than `cpu_s` seconds of CPU time, or
     more than `cpu_s + wall_tolerance_s` of wall clock. What the sandbox itself spends before the program runs
     (bubblewrap, the launcher that sets the limits), measured once per process on a no-op program, is taken off
-    both figures: it is not the candidate's time. A Python interpreter's start-up is, as in the contest."""
+    both figures: it is not the candidate's time. A Python interpreter's start-up is, as in the contest.
+
+    Where the sandbox cannot measure CPU time (bubblewrap without a writable cgroup: `cpu_s` is NaN), the
+    "wall" rule applies instead: at most `cpu_s` seconds of wall clock, no tolerance. It bounds a program on
+    one core as the CPU rule does, but not one that computes on several cores at once; `basis` names the rule
+    a run was judged by, and the task reports it per case (`case_time_rule`)."""
 
     cpu_s: float = 2.0
     wall_tolerance_s: float = 0.5
@@ -53,10 +67,23 @@ class TimeRule:
         wall = self.cpu_s + self.wall_tolerance_s + _start_overhead()[0]
         return SandboxLimits(timeout_s=wall, memory_mb=memory_mb, file_mb=output_mb)
 
+    @staticmethod
+    def basis(proc: ProcessResult) -> str:
+        """The rule a run is judged by: "cpu" (its CPU time was measured) or "wall" (unknown here)."""
+        return "wall" if math.isnan(proc.cpu_s) else "cpu"
+
     def verdict(self, proc: ProcessResult) -> str | None:
         """The time-out message for a run, or None when it kept to the rule."""
         wall0, cpu0 = _start_overhead()
-        wall, cpu = max(0.0, proc.wall_s - wall0), max(0.0, proc.cpu_s - cpu0)
+        wall = max(0.0, proc.wall_s - wall0)
+        if self.basis(proc) == "wall":
+            if proc.timed_out or wall > self.cpu_s:
+                return (
+                    f"timed out: {wall:.2f} s of wall clock > {self.cpu_s:g} s allowed (CPU time cannot be "
+                    "measured here, so the wall clock alone counts)"
+                )
+            return None
+        cpu = max(0.0, proc.cpu_s - (0.0 if math.isnan(cpu0) else cpu0))
         if proc.timed_out or wall > self.cpu_s + self.wall_tolerance_s:
             return f"timed out: {wall:.2f} s of wall clock > {self.cpu_s:g} + {self.wall_tolerance_s:g} s allowed"
         if cpu > self.cpu_s:
@@ -254,15 +281,20 @@ class ContestProblem(Problem):
         return self._score_program(LANGUAGES[tag], code, self.rule)
 
     def _score_program(self, language: str, code: str, rule: TimeRule) -> Evaluation:
-        outputs, scores, errors, walls, cpus = [], [], [], [], []
+        outputs, scores, errors, walls, cpus, bases = [], [], [], [], [], []
         limits = rule.limits(self.memory_mb, self.output_mb)
-        work = tempfile.mkdtemp(prefix="discover-contest-")
+        # Root-owned, searchable but not writable by the code's uid: the case folders inside stay put.
+        parent = tempfile.mkdtemp(prefix="discover-contest-")
+        os.chmod(parent, 0o711)
         try:
-            argv, files = self._prepare(language, code, work)
+            argv, files = self._prepare(language, code, parent)
             for k in range(len(self.cases)):
                 data, case = self.case(k)
-                # The program is written once: a later run must not follow a link a run left in its place.
-                proc = run_program(argv, limits, stdin=data, files=files if k == 0 else None, workdir=work)
+                work = _case_folder(parent, k, files)
+                try:
+                    proc = run_program(argv, limits, stdin=data, workdir=work)
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
                 capped = len(proc.stdout) >= self.output_mb << 20
                 error = rule.verdict(proc) or (f"the output reached the {self.output_mb} MB cap" if capped else None)
                 stored, score, error = None, 0, error or _failure(proc)
@@ -275,30 +307,45 @@ class ContestProblem(Problem):
                 scores.append(score)
                 errors.append(None if error is None else f"{self.label(k)}: {error}")
                 walls.append(round(proc.wall_s, 3))
-                cpus.append(round(proc.cpu_s, 3))
+                cpus.append(None if math.isnan(proc.cpu_s) else round(proc.cpu_s, 3))
+                bases.append(rule.basis(proc))
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(parent, ignore_errors=True)
         if all(e is not None for e in errors):
             raise InvalidSolution(f"the program failed on every test case; first error: {errors[0]}")
         mean = float(np.mean(scores))
         construction = {"language": language, "cases": list(self.cases), self.output_key: outputs}
-        details = {"case_scores": scores, "case_errors": errors, "case_wall_s": walls, "case_cpu_s": cpus}
+        details = {
+            "case_scores": scores, "case_errors": errors, "case_wall_s": walls, "case_cpu_s": cpus,
+            "case_time_rule": bases,
+        }  # fmt: skip
         return Evaluation(score=mean, reward=self.reward(mean), construction=construction, code=code, details=details)
 
-    def _prepare(self, language: str, code: str, work: str) -> tuple[list[str], dict[str, bytes] | None]:
-        """(argv, files to write before each run); C++ is compiled once, here."""
+    def _prepare(self, language: str, code: str, parent: str) -> tuple[list[str], dict[str, tuple[bytes, int]]]:
+        """(argv, {file name: (content, mode)} to put in every case's folder); C++ is compiled once, here, in a
+        folder of its own, and only the compiled program's bytes are kept."""
         if language == "python":
-            return [sys.executable, "-I", "main.py"], {"main.py": code.encode(errors="replace")}
+            return [sys.executable, "-I", "main.py"], {"main.py": (code.encode(errors="replace"), 0o644)}
         if shutil.which("g++") is None:
             raise InvalidSolution("C++ answers need g++, which is not installed on this machine; answer in Python")
-        argv = ["g++", "-std=gnu++20", "-O2", "-o", "main", "main.cpp"]
-        proc = run_program(argv, self.compile_limits, files={"main.cpp": code.encode(errors="replace")}, workdir=work)
-        if proc.timed_out:
-            raise InvalidSolution(f"compilation timed out after {self.compile_limits.timeout_s:g} s")
-        if proc.returncode != 0:
-            stderr = proc.stderr[-2000:].decode(errors="replace").strip()
-            raise InvalidSolution(f"the C++ code does not compile (exit status {proc.returncode}): {stderr}")
-        return ["./main"], None
+        build = os.path.join(parent, "build")
+        os.mkdir(build, 0o700)
+        try:
+            argv = ["g++", "-std=gnu++20", "-O2", "-o", "main", "main.cpp"]
+            files = {"main.cpp": code.encode(errors="replace")}
+            proc = run_program(argv, self.compile_limits, files=files, workdir=build)
+            if proc.timed_out:
+                raise InvalidSolution(f"compilation timed out after {self.compile_limits.timeout_s:g} s")
+            if proc.returncode != 0:
+                stderr = proc.stderr[-2000:].decode(errors="replace").strip()
+                raise InvalidSolution(f"the C++ code does not compile (exit status {proc.returncode}): {stderr}")
+            binary = _open_regular(Path(build, "main"), MAX_PROGRAM_BYTES)
+            if binary is None:
+                raise InvalidSolution(f"the compiled program is missing or larger than {MAX_PROGRAM_BYTES >> 20} MB")
+            with binary:
+                return ["./main"], {"main": (binary.read(), 0o755)}
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
 
     def rescore(self, state: dict[str, Any]) -> float:
         construction = state.get("construction")
@@ -339,6 +386,19 @@ class ContestProblem(Problem):
 def _generated(problem: type[ContestProblem], seed: int) -> tuple[bytes, Any]:
     data = problem.generate_input(seed)
     return data, problem.parse_input(data)
+
+
+def _case_folder(parent: str, k: int, files: dict[str, tuple[bytes, int]]) -> str:
+    """A fresh folder for case `k` holding the program's files, owned by this process (the code may read or
+    run them, not change them); `run_program` hands the folder itself to the code's uid."""
+    folder = os.path.join(parent, f"case-{k}")
+    os.mkdir(folder, 0o700)
+    for name, (data, mode) in files.items():
+        fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)  # not narrowed by this process's umask
+            fh.write(data)
+    return folder
 
 
 def _failure(proc: ProcessResult) -> str | None:

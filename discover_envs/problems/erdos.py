@@ -27,6 +27,8 @@ class ErdosMinOverlap(ConstructionProblem):
     with (1 - h) reversed, computed directly when n <= 1024 and otherwise with an FFT whose candidate maxima
     (every entry within twice the FFT error bound of the FFT maximum, see `autocorrelation.fft_error_bound`)
     are recomputed as direct dot products, so the maximum is exact to float64 dot-product accuracy at any n.
+    A maximum too flat to re-check within `autocorrelation.MAX_RECHECK_WORK` multiply-adds (e.g. a centred box,
+    whose overlap is constant over 100,000 shifts) is an invalid attempt: "verifier budget exceeded".
 
     ## Reward
     reward = 1 / bound (higher is better, as in TTT-Discover); an invalid attempt gets `failure_reward` = 0,
