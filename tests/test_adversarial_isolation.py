@@ -24,6 +24,7 @@ import pytest
 from procs import processes_with
 
 from discover_envs import sandbox
+from discover_envs.cgroup import cgroup_parents
 from discover_envs.sandbox import SandboxLimits, bwrap_available, run_function, run_program
 
 needs_bwrap = pytest.mark.skipif(not bwrap_available(), reason="bubblewrap cannot run here")
@@ -168,16 +169,22 @@ def _finish(agent: subprocess.Popen, marker: str) -> str:
 
 
 @needs_root
-def test_an_unisolated_run_dies_with_a_killed_agent(tmp_path):
-    """The run's session leader dies with the agent (PR_SET_PDEATHSIG); a daemon in a session of its own must too."""
+@pytest.mark.parametrize("through", ["cgroup", "uid"])
+def test_an_unisolated_run_dies_with_a_killed_agent(tmp_path, through):
+    """The run's session leader dies with the agent (PR_SET_PDEATHSIG); a daemon in a session of its own must
+    too, killed by the agent's reaper through the run's cgroup or, where there is none, its uid."""
+    if through == "cgroup" and not cgroup_parents():
+        pytest.skip("no writable cgroup hierarchy here")
     marker = f"discover-adversarial-orphan-{uuid.uuid4().hex}"
     head, tail = marker[:20], marker[20:]  # only the daemon's command line holds the whole marker
     daemon = f"setsid sh -c 'while :; do sleep 1; done; : {head}''{tail}' & while :; do sleep 1; done"
     agent = _agent(
         tmp_path,
         f"""
-        from discover_envs import sandbox
+        from discover_envs import runspace, sandbox
         sandbox._open_to_others = lambda: True
+        if {through == "uid"}:
+            sandbox.cgroup_parents = runspace.cgroup_parents = lambda: ()
         limits = sandbox.SandboxLimits(isolation="none", unsafe_no_isolation=True, timeout_s=600.0)
         print(sandbox.run_program(["/bin/sh", "-c", {daemon!r}], limits))
         """,
