@@ -60,7 +60,8 @@ class LocalExecutor(Executor):
 
 
 class RayExecutor(Executor):
-    """Runs `evaluate` as Ray tasks with a CPU annotation (`pip install discover[ray]`)."""
+    """Runs `evaluate` as Ray tasks with a CPU annotation (`pip install discover[ray]`): on the cluster at
+    `address`, or on a local Ray it starts, whose servers then listen on the loopback only."""
 
     def __init__(
         self, env_id: str, env_kwargs: dict[str, Any], address: str | None = None, num_cpus: float = 1.0
@@ -72,11 +73,27 @@ class RayExecutor(Executor):
             raise ImportError("the Ray executor needs Ray: pip install 'discover[ray]'") from None
         self._ray = ray
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            if address is None:
+                _start_local_ray(ray)
+            else:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
         self._task = ray.remote(num_cpus=num_cpus)(evaluate)
 
     def submit(self, parent: dict[str, Any], reply: str) -> Future[Outcome]:
         return self._task.remote(self.env_id, self.env_kwargs, parent, reply).future()
+
+
+def _start_local_ray(ray: Any) -> None:
+    """A local Ray whose servers listen on 127.0.0.1 only. Ray binds every interface unless its node address
+    is the loopback, and swaps a loopback address for the machine's own while it thinks multi-node clusters
+    are supported here (`ray_constants.ENABLE_RAY_CLUSTER`), so that flag is off while it starts."""
+    constants = ray._private.ray_constants
+    saved = getattr(constants, "ENABLE_RAY_CLUSTER", True)
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    finally:
+        constants.ENABLE_RAY_CLUSTER = saved
 
 
 def make_executor(kind: str, env_id: str, env_kwargs: dict[str, Any], workers: int, address: str | None) -> Executor:

@@ -4,11 +4,13 @@
     python -I -S _runner.py LIMITS WORKDIR --exec ARGV  become ARGV in WORKDIR (`run_program`)
 
 It first confines itself, before any untrusted code exists in the process; children inherit all of it.
-LIMITS is "address-space bytes,CPU seconds,file bytes,open files,tasks,uid,parent pid": the rlimits (tasks 0:
-no RLIMIT_NPROC); then, unless uid is -1 (the parent is root), it gives up root for good (no supplementary
-groups, gid and uid set to uid, no capability left, or exit status 126); then, unless parent pid is 0 (no PID
-namespace holds the run), it asks the kernel to SIGKILL it when that parent dies (after the uid change, which
-would clear the request). Doing this here instead of in a `preexec_fn` lets the parent spawn with vfork and
+LIMITS is "address-space bytes,CPU seconds,file bytes,open files,tasks,uid,parent pid,filter": the rlimits
+(tasks 0: no RLIMIT_NPROC); then, unless uid is -1 (the parent is root), it gives up root for good (no
+supplementary groups, gid and uid set to uid, no capability left, or exit status 126); then, unless parent pid
+is 0 (no PID namespace holds the run), it asks the kernel to SIGKILL it when that parent dies (after the uid
+change, which would clear the request); then, if filter is 1, it installs a seccomp filter under which no new
+namespace can be made (`deny_namespaces`; exit status 126 if it cannot). Doing this here instead of in a
+`preexec_fn` lets the parent spawn with vfork and
 without running Python between fork and exec, which the subprocess docs call unsafe in a threaded parent.
 It imports nothing from the project (and numpy only to call a function), so its start-up costs what
 `python -c "import numpy"` costs. Values go back as `result.npy` or JSON in `result.json`.
@@ -18,15 +20,26 @@ import json
 import os
 import resource
 import signal
+import struct
 import sys
 
 PR_SET_PDEATHSIG = 1
+PR_SET_SECCOMP = 22
+PR_SET_NO_NEW_PRIVS = 38
+#: Per machine: (AUDIT_ARCH, clone, unshare, setns, clone3, first number of another ABI sharing the arch or 0).
+NAMESPACE_SYSCALLS = {
+    "x86_64": (0xC000003E, 56, 272, 308, 435, 0x40000000),  # x32 calls carry bit 30
+    "aarch64": (0xC00000B7, 220, 97, 268, 435, 0),
+}
+#: CLONE_NEW{NS,CGROUP,UTS,IPC,USER,PID,NET}; unshare also takes CLONE_NEWTIME (0x80, a signal number in clone).
+NEW_NAMESPACES = 0x7E020000
+CLONE_NEWTIME = 0x80
 
 
 def confine(spec: str) -> None:
-    memory, cpu, fsize, nofile, nproc, uid, parent = (int(x) for x in spec.split(","))
+    memory, cpu, fsize, nofile, nproc, uid, parent, deny = (int(x) for x in spec.split(","))
     set_limits(memory, cpu, fsize, nofile, nproc)
-    if parent:
+    if parent or deny:
         import ctypes  # before the drop: the interpreter's library may be closed to the new uid
 
         libc = ctypes.CDLL(None, use_errno=True)
@@ -34,6 +47,8 @@ def confine(spec: str) -> None:
         drop_privileges(uid)
     if parent:
         die_with(parent, libc)
+    if deny:
+        deny_namespaces(libc)
 
 
 def set_limits(memory: int, cpu: int, fsize: int, nofile: int, nproc: int) -> None:
@@ -77,6 +92,49 @@ def die_with(parent: int, libc) -> None:
         sys.stderr.write("sandbox: prctl(PR_SET_PDEATHSIG) failed\n")
         os._exit(126)
     if os.getppid() != parent:
+        os._exit(126)
+
+
+def namespace_filter(machine: str) -> bytes:
+    """Classic BPF for seccomp: unshare, clone and setns that would make or enter a namespace fail with EPERM;
+    clone3 (whose flags a filter cannot read) fails with ENOSYS, so libc falls back to clone; a call through
+    another ABI (i386 or x32 on x86_64), which would dodge the numbers below, kills the process."""
+    arch, clone, unshare, setns, clone3, other_abi = NAMESPACE_SYSCALLS[machine]
+    load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill, errno = 0x7FFF0000, 0x80000000, 0x00050000
+    eperm, enosys = errno | 1, errno | 38
+    program = [(load, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (load, 0, 0, 0)]  # arch, then number
+    if other_abi:
+        program += [(jge, 0, 1, other_abi), (ret, 0, 0, kill)]
+    program += [
+        (jeq, 0, 1, clone3), (ret, 0, 0, enosys),
+        (jeq, 0, 1, setns), (ret, 0, 0, eperm),
+        (jeq, 2, 0, unshare), (jeq, 3, 0, clone), (ret, 0, 0, allow),
+        (load, 0, 0, 16), (jset, 3, 2, NEW_NAMESPACES | CLONE_NEWTIME),  # unshare's flags (low word of arg 0)
+        (load, 0, 0, 16), (jset, 1, 0, NEW_NAMESPACES),  # clone's flags
+        (ret, 0, 0, allow), (ret, 0, 0, eperm),
+    ]  # fmt: skip
+    return b"".join(struct.pack("<HBBI", *op) for op in program)
+
+
+def deny_namespaces(libc) -> None:
+    """Install `namespace_filter` for this process and all it starts (no_new_privs first, as seccomp needs);
+    exit 126 if the kernel refuses, as the parent promised the filter."""
+    import ctypes
+
+    program = namespace_filter(os.uname().machine)
+    buffer = ctypes.create_string_buffer(program, len(program))
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = Program(len(program) // 8, ctypes.addressof(buffer))
+    zero = ctypes.c_ulong(0)
+    if (
+        libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), zero, zero, zero) != 0
+        or libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(2), ctypes.byref(fprog), zero, zero) != 0
+    ):
+        sys.stderr.write(f"sandbox: cannot install the namespace filter: {os.strerror(ctypes.get_errno())}\n")
         os._exit(126)
 
 

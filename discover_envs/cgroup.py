@@ -1,9 +1,13 @@
-"""Per-run cgroups: one memory and task limit for everything a sandboxed run starts, and a list of it to kill.
+"""Per-run cgroups: one memory and task limit for everything a sandboxed run starts, a list of it to kill, and
+a switch that stops all of it at once.
 
 rlimits bound each process; a run that forks could still hold several times its memory limit or fork without
-bound. A cgroup per run (v1 memory + pids + cpuacct, or one v2 folder), created below this process's own so its
-limits still apply, bounds the run as a whole and counts its CPU time. Where no hierarchy is writable, the
-sandbox falls back to rlimits and says so in its isolation report.
+bound. A cgroup per run (v1 memory + pids, with cpuacct and freezer where mounted, or one v2 folder), created
+below this process's own so its limits still apply, bounds the run as a whole, counts its CPU time and can be
+frozen: every task in it stops, however it was started (a nested PID namespace included), and the code cannot
+leave it. Each is named after the process that made it (`_reaper.owner_tag`), so the reaper can remove what a
+killed agent left. Where no hierarchy is writable, the sandbox falls back to rlimits and says so in its
+isolation report.
 """
 
 from __future__ import annotations
@@ -12,19 +16,33 @@ import contextlib
 import os
 import secrets
 import shlex
-import signal
 import time
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-#: Rounds of killing a run's tasks; each kills everything listed, so only a fork bomb needs more than two.
-KILL_ROUNDS = 50
+from discover_envs._reaper import (
+    CGROUP_PREFIX,
+    is_frozen,
+    kill_tasks,
+    owner_tag,
+    read_text,
+    remove_cgroups,
+    set_frozen,
+)
+
+#: v1 controllers a run cgroup needs, and those used where mounted and writable; each with a file to check.
+_V1_REQUIRED = {"memory": "memory.limit_in_bytes", "pids": "pids.max"}
+_V1_OPTIONAL = {"cpuacct": "cpuacct.usage", "freezer": "freezer.state"}
+#: Longest wait for a freeze to take hold; a task still freezing then is asleep in the kernel, not running.
+FREEZE_WAIT_S = 0.5
 
 
 @cache
 def cgroup_parents() -> tuple[tuple[str, str], ...]:
-    """(kind, folder to create run cgroups in) per controller: v1 memory and pids, or one v2 folder; () if none
-    is writable here. Run cgroups go below this process's own, so its limits still apply to them."""
+    """(kind, folder to create run cgroups in) per controller: v1 memory and pids (cpuacct, freezer where
+    possible), or one v2 folder; () if none is writable here. Run cgroups go below this process's own, so its
+    limits still apply to them."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -36,30 +54,35 @@ def cgroup_parents() -> tuple[tuple[str, str], ...]:
             own[controller] = path
     root = Path("/sys/fs/cgroup")
     if "memory" in own and "pids" in own:
-        controllers = ("memory", "pids", "cpuacct") if "cpuacct" in own else ("memory", "pids")
-        parents = tuple(("v1", str(root / c / own[c].lstrip("/"))) for c in controllers)
+        wanted = {**_V1_REQUIRED, **{c: f for c, f in _V1_OPTIONAL.items() if c in own}}
+        found = {c: (str(root / c / own[c].lstrip("/")), (f,)) for c, f in wanted.items()}
+        kind = "v1"
     elif "unified" in own and (root / "cgroup.controllers").exists():
-        parents = (("v2", str(root / own["unified"].lstrip("/"))),)
+        found = {"unified": (str(root / own["unified"].lstrip("/")), ("memory.max", "pids.max"))}
+        kind = "v2"
     else:
         return ()
-    probe = [(kind, os.path.join(folder, f"discover-probe-{secrets.token_hex(4)}")) for kind, folder in parents]
+    parents = []
+    for controller, (folder, files) in found.items():
+        if _writable(folder, files):
+            parents.append((kind, folder))
+        elif controller not in _V1_OPTIONAL:
+            return ()
+    return tuple(parents)
+
+
+def _writable(folder: str, files: tuple[str, ...]) -> bool:
+    """Whether a cgroup with `files` can be made in `folder` (by making and removing one)."""
+    probe = os.path.join(folder, f"discover-probe-{secrets.token_hex(4)}")
     try:
-        for kind, folder in probe:
-            os.mkdir(folder)
-            wanted = (
-                ("memory.limit_in_bytes", "pids.max", "cpuacct.usage") if kind == "v1" else ("memory.max", "pids.max")
-            )
-            if not any(os.path.exists(os.path.join(folder, name)) for name in wanted):
-                return ()
-            if kind == "v2" and not all(os.path.exists(os.path.join(folder, name)) for name in wanted):
-                return ()
+        os.mkdir(probe)
     except OSError:
-        return ()
+        return False
+    try:
+        return all(os.path.exists(os.path.join(probe, name)) for name in files)
     finally:
-        for _, folder in probe:
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-    return parents
+        with contextlib.suppress(OSError):
+            os.rmdir(probe)
 
 
 def cgroup_kind() -> str | None:
@@ -68,15 +91,20 @@ def cgroup_kind() -> str | None:
 
 
 class RunCgroup:
-    """The cgroup(s) of one run: memory and task limits for everything the run starts, and a list of it."""
+    """The cgroup(s) of one run: memory and task limits for everything the run starts, a list of it, a freezer."""
 
-    def __init__(self, memory_mb: int, processes: int, token: str) -> None:
-        self.folders: list[str] = []
+    def __init__(self, folders: list[str]) -> None:
+        self.folders = folders
+        self.kind = cgroup_kind()
+
+    @classmethod
+    def create(cls, memory_mb: int, processes: int, token: str) -> RunCgroup:
+        folders: list[str] = []
         memory, tasks = str(memory_mb << 20), str(processes)
         for _, parent in cgroup_parents():
-            folder = os.path.join(parent, f"discover-{token}")
+            folder = os.path.join(parent, f"{CGROUP_PREFIX}{owner_tag()}-{token}")
             os.mkdir(folder)
-            self.folders.append(folder)
+            folders.append(folder)
             for name, value in (
                 ("memory.limit_in_bytes", memory), ("memory.memsw.limit_in_bytes", memory),
                 ("memory.max", memory), ("memory.swap.max", "0"), ("pids.max", tasks),
@@ -84,7 +112,18 @@ class RunCgroup:
                 path = os.path.join(folder, name)
                 if os.path.exists(path):
                     Path(path).write_text(value)
-        self.kind = cgroup_kind()
+        return cls(folders)
+
+    @classmethod
+    def holding(cls, pid: int) -> RunCgroup | None:
+        """The run cgroup(s) that process `pid` is in, if this process made them; else None."""
+        mine = f"{CGROUP_PREFIX}{owner_tag()}-"
+        for line in read_text(f"/proc/{pid}/cgroup").splitlines():
+            name = line.rsplit("/", 1)[-1]
+            if name.startswith(mine):
+                folders = [os.path.join(parent, name) for _, parent in cgroup_parents()]
+                return cls([f for f in folders if os.path.isdir(f)])
+        return None
 
     def wrap(self, command: list[str]) -> list[str]:
         """`command` started by a shell that first moves itself into the cgroup(s), so nothing escapes them."""
@@ -92,22 +131,29 @@ class RunCgroup:
         return ["/bin/sh", "-c", f'{moves} && exec "$@"', "sh", *command]
 
     def kill_all(self) -> None:
-        for _ in range(KILL_ROUNDS):
-            pids = {int(p) for f in self.folders for p in _read_text(os.path.join(f, "cgroup.procs")).split()}
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.001)
+        kill_tasks(self.folders)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[bool]:
+        """Stop every task of the run for the duration (the kernel's freezer, which no code can resist or
+        escape); yields False, stopping nothing, where this hierarchy has no freezer."""
+        freezing = [f for f in self.folders if set_frozen(f, True)]
+        try:
+            deadline = time.monotonic() + FREEZE_WAIT_S
+            while freezing and not all(is_frozen(f) for f in freezing) and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            yield bool(freezing)
+        finally:
+            for folder in freezing:
+                set_frozen(folder, False)
 
     def cpu_s(self) -> float | None:
         """CPU seconds of every task the run had, reaped or killed (None without a CPU controller)."""
         for folder in self.folders:
-            usage = _read_text(os.path.join(folder, "cpuacct.usage")).strip()
+            usage = read_text(os.path.join(folder, "cpuacct.usage")).strip()
             if usage:
                 return int(usage) / 1e9
-            for line in _read_text(os.path.join(folder, "cpu.stat")).splitlines():
+            for line in read_text(os.path.join(folder, "cpu.stat")).splitlines():
                 if line.startswith("usage_usec "):
                     return int(line.split()[1]) / 1e6
         return None
@@ -115,25 +161,10 @@ class RunCgroup:
     def oom_killed(self) -> bool:
         for folder in self.folders:
             for name in ("memory.oom_control", "memory.events"):
-                for line in _read_text(os.path.join(folder, name)).splitlines():
+                for line in read_text(os.path.join(folder, name)).splitlines():
                     if line.startswith("oom_kill ") and int(line.split()[1]) > 0:
                         return True
         return False
 
     def remove(self) -> None:
-        for folder in self.folders:
-            for _ in range(200):  # the last tasks leave a moment after they are reaped
-                try:
-                    os.rmdir(folder)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.005)
-
-
-def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
+        remove_cgroups(self.folders)

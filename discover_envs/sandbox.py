@@ -1,37 +1,45 @@
 """The sandbox: run untrusted candidate code in its own process, folder and limits, and read back only data.
 
-Every run gets a fresh temporary folder (its cwd, HOME and TMPDIR), its own session and process group, rlimits
-(address space, CPU seconds, file size, open files, no core dumps; applied by `_runner.py` before any untrusted
-code runs), one thread per numeric library, a minimal environment, and a wall clock of exactly `timeout_s`
+Every run gets a fresh folder (its cwd, HOME and TMPDIR; a tmpfs of `disk_mb` MB and `inodes` inodes where this
+process is root, `runspace.py`), its own session and process group, rlimits (address space, CPU seconds, file
+size, open files, no core dumps; applied by `_runner.py` before any untrusted code runs), a seccomp filter under
+which no new namespace can be made (user, PID, mount, network...; `_runner.deny_namespaces`, where this machine
+and kernel allow one), one thread per numeric library, a minimal environment, and a wall clock of exactly `timeout_s`
 enforced by this parent: a run whose leader is seen to exit after it is a timeout, whatever it wrote. Results
 come back as `.npy` (loaded with `allow_pickle=False`, its header checked against the file's size first) or
 JSON, never as a pickle; the caller recomputes any score from them.
 
 Candidate code never runs with privileges. When this process is root, `_runner.py` drops to uid/gid 65534
 (`nobody`, no supplementary groups) and checks that no capability is left before any untrusted code or exec;
-the run's folder is handed to that uid. Modes, reported as `mode` (and by `isolation_report()`):
+the run's folder is handed to that uid (without namespaces, a uid of the run's own, see "unsafe-none"). Modes,
+reported as `mode` (and by `isolation_report()`):
 
 - "bwrap" (bubblewrap works here): new PID, IPC, network, UTS (and cgroup) namespaces; a minimal read-only
-  view of the host (/usr, the library folders, a few /etc files, this Python and its packages, the runner),
-  /proc/sys read-only, no /root, no host /tmp; a private, sized /tmp and /dev/shm; the run's folder the only
+  view of the host (/usr, the library folders, a few /etc files, this Python and its packages, the runner,
+  of /sys only the CPU layout unless GPUs are passed through), /proc/sys read-only, no /root, no host /tmp; a
+  private, sized /tmp and /dev/shm (their inodes count toward the run's memory); the run's folder the only
   writable host path; `limits.hide` paths masked. bwrap is started by root without a user namespace and keeps
   only CAP_SETUID/CAP_SETGID, which the runner then gives up with its uid.
 - "rlimits" (no bubblewrap, not root): the same limits and clean-up, but the code sees the host's files and
   network with this user's rights. Guarded against accidents, not malice.
-- "unsafe-none" (no bubblewrap, root, opted in with `unsafe_no_isolation`): as "rlimits", as uid 65534;
-  "unsafe-root" where that uid could not even start this interpreter (e.g. it lives under root's 0700 home):
-  then the code runs as root. Without the opt-in a root parent refuses to run candidate code
-  (`IsolationUnavailable`).
+- "unsafe-none" (no bubblewrap, root, opted in with `unsafe_no_isolation`): as "rlimits", as a uid no other
+  run holds meanwhile (`runspace.uid_slot`; 65534 where slots cannot work), so concurrent runs cannot signal or
+  rewrite each other; "unsafe-root" where that uid could not even start this interpreter (e.g. it lives under
+  root's 0700 home): then the code runs as root. Without the opt-in a root parent refuses to run candidate
+  code (`IsolationUnavailable`).
 
 Per-run limits (`cgroup.py`): where a writable cgroup hierarchy exists (v1 `memory` + `pids`, or v2 with both), each run
-gets its own cgroup holding all its processes (`memory_mb` in total, `processes` tasks), killed and removed
-afterwards. Without it, memory is bounded per process only, and tasks by RLIMIT_NPROC of the dropped uid.
+gets its own cgroup holding all its processes (`memory_mb` in total, `processes` tasks; `frozen` stops them
+all), killed and removed afterwards. Without it, memory is bounded per process only, and tasks by RLIMIT_NPROC
+of the dropped uid.
 
 Clean-up, done before `run_*` returns: the process group is killed, then the run's cgroup is emptied, then every
-process that carries the run's token in its environment or whose cwd lies in the run's folder is killed,
-repeatedly until none is left (a /proc scan, ~5 ms with 100 processes). Under bwrap the PID namespace and
+process that carries the run's token in its environment or whose cwd lies in the run's folder (and, in
+"unsafe-none", every process of the run's uid) is killed, repeatedly until none is left (a /proc scan, ~5 ms
+with 100 processes). Under bwrap the PID namespace and
 `--die-with-parent` also take everything down when this process is killed; without bwrap the runner asks the
-kernel (PR_SET_PDEATHSIG) to kill the run's leader with it.
+kernel (PR_SET_PDEATHSIG) to kill the run's leader with it, and this process's reaper (`_reaper.py`, started
+once) kills the rest through the run's cgroup or uid; it also removes the folders and cgroups of a killed agent.
 
 Threads: several runs may go at once from threads of one parent. Each has its own folder, token, cgroup and
 anonymous stdout/stderr files, and nothing runs between fork and exec (no `preexec_fn`), so Popen may use
@@ -63,7 +71,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from discover_envs import runspace
+from discover_envs._runner import NAMESPACE_SYSCALLS
 from discover_envs.cgroup import RunCgroup, cgroup_kind, cgroup_parents
+from discover_envs.runspace import frozen
 
 __all__ = [
     "IsolationUnavailable",
@@ -72,6 +83,7 @@ __all__ = [
     "SandboxResult",
     "allow_unsafe_no_isolation",
     "bwrap_available",
+    "frozen",
     "isolation_report",
     "recorded_modes",
     "run_function",
@@ -88,7 +100,10 @@ _SWEEP_ROUNDS = 50
 #: The unprivileged uid/gid candidate code runs as when this process is root (`nobody`).
 UNPRIVILEGED_ID = 65534
 #: Host paths visible read-only under bwrap (those that exist), besides Python's prefixes and the runner.
-_SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/sys")
+_SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+#: What of /sys is visible under bwrap: the CPU and NUMA layout (libc, OpenMP, BLAS read it); with GPUs passed
+#: through, all of /sys (read-only), where the CUDA driver looks its devices up.
+_SYS_PATHS = ("/sys/devices/system/cpu", "/sys/devices/system/node")
 _ETC_FILES = (
     "passwd", "group", "nsswitch.conf", "hosts", "localtime", "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
     "alternatives", "os-release",
@@ -113,7 +128,8 @@ class SandboxLimits:
     (`timeout_s * threads + 1`), so a single-threaded loop always meets the wall clock first.
     `processes`: tasks (processes and threads) of the whole run. `hide`: absolute host paths made invisible
     to the code (masked under bwrap; without bwrap they cannot be hidden, so the run is refused unless opted
-    in to running unisolated).
+    in to running unisolated). `disk_mb`, `inodes`: size and inode count of the run's folder, a tmpfs where
+    this process is root (`isolation_report` says where it is not); `file_mb` caps each file within it.
     """
 
     timeout_s: float = 60.0
@@ -125,11 +141,16 @@ class SandboxLimits:
     processes: int = 256
     hide: tuple[str, ...] = ()
     unsafe_no_isolation: bool = False
+    disk_mb: int = 1024
+    inodes: int = 10_000
 
     def __post_init__(self) -> None:
         if not (isinstance(self.timeout_s, (int, float)) and 0 < self.timeout_s < math.inf):
             raise ValueError(f"timeout_s must be a positive finite number of seconds, got {self.timeout_s!r}")
-        for name, least in (("memory_mb", 64), ("file_mb", 1), ("open_files", 16), ("threads", 1), ("processes", 8)):
+        for name, least in (
+            ("memory_mb", 64), ("file_mb", 1), ("open_files", 16), ("threads", 1), ("processes", 8),
+            ("disk_mb", 1), ("inodes", 16),
+        ):  # fmt: skip
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= least):
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -142,12 +163,12 @@ class SandboxLimits:
     def cpu_s(self) -> int:
         return math.ceil(self.timeout_s * self.threads) + 1
 
-    def _runner_arg(self, drop: bool, nproc: int, parent: int) -> str:
+    def _runner_arg(self, uid: int, nproc: int, parent: int) -> str:
         """LIMITS for `_runner.py`: bytes, seconds, bytes, files, tasks (0: none), uid (-1: keep), parent pid
-        for PR_SET_PDEATHSIG (0: none)."""
+        for PR_SET_PDEATHSIG (0: none), whether to install the namespace filter."""
         mb = 1 << 20
-        uid = UNPRIVILEGED_ID if drop else -1
-        return f"{self.memory_mb * mb},{self.cpu_s},{self.file_mb * mb},{self.open_files},{nproc},{uid},{parent}"
+        deny = int(namespace_filter_missing() is None)
+        return f"{self.memory_mb * mb},{self.cpu_s},{self.file_mb * mb},{self.open_files},{nproc},{uid},{parent},{deny}"
 
 
 @dataclass
@@ -223,6 +244,19 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
+@cache
+def namespace_filter_missing() -> str | None:
+    """None where every run gets the runner's seccomp filter (no new namespace can be made), else why not."""
+    machine = os.uname().machine
+    if machine not in NAMESPACE_SYSCALLS:
+        return f"no namespace filter is written for {machine}"
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return "/proc/self/status is unreadable"
+    return None if "\nSeccomp:" in status else "this kernel has no seccomp"
+
+
 def _bwrap_args(work: str, limits: SandboxLimits) -> list[str]:
     args = ["--dev", "/dev"]
     # GPU device nodes pass through so code actions that use CUDA (the kernel env) can run; absent, no-op.
@@ -237,6 +271,12 @@ def _bwrap_args(work: str, limits: SandboxLimits) -> list[str]:
             args += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             args += ["--ro-bind", path, path]
+    if glob.glob("/dev/nvidia*"):
+        args += ["--ro-bind", "/sys", "/sys"]
+    else:
+        folders = ("/sys", "/sys/devices", "/sys/devices/system")
+        args += [arg for folder in folders for arg in ("--perms", "0755", "--dir", folder)]
+        args += [arg for path in _SYS_PATHS if os.path.isdir(path) for arg in ("--ro-bind", path, path)]
     # bwrap would make the folders above a bind 0700 root-owned, closed to the dropped uid: make them 0755.
     above = {str(parent) for path in (*_python_paths(), work) for parent in Path(path).parents} | {"/etc"}
     for folder in sorted(above, key=len):
@@ -333,11 +373,21 @@ def isolation_report(limits: SandboxLimits | None = None) -> dict[str, Any]:
     bwrap = mode == "bwrap"
     cgroup = cgroup_kind()
     drop = _drops(mode)
+    slots = mode == "unsafe-none" and runspace.slots_unavailable() is None
+    unbounded, no_filter = runspace.folder_unbounded(), namespace_filter_missing()
+    first, last = runspace.UID_BASE, runspace.UID_BASE + runspace.UID_SLOTS - 1
+    sys_view = "all of /sys" if glob.glob("/dev/nvidia*") else "/sys only " + ", ".join(_SYS_PATHS)
     return {
         "mode": mode,
-        "uid": UNPRIVILEGED_ID if drop else os.geteuid(),
+        "uid": (f"one per run, {first}-{last}" if slots else UNPRIVILEGED_ID) if drop else os.geteuid(),
         "namespaces": ["pid", "ipc", "net", "uts", "cgroup", "mount"] if bwrap else [],
-        "filesystem": "minimal read-only host view, run folder writable" if bwrap else "host, as the uid above",
+        "new_namespaces": f"allowed ({no_filter})" if no_filter else "denied (seccomp: unshare, clone, setns)",
+        "filesystem": f"minimal read-only host view ({sys_view}), run folder writable"
+        if bwrap
+        else "host, as the uid above",
+        "folder": f"host folder, unbounded ({unbounded})"
+        if unbounded
+        else f"tmpfs of {limits.disk_mb} MB and {limits.inodes} inodes, counted in the run's memory",
         "tmp": f"private tmpfs of {limits.file_mb} MB" if bwrap else "host /tmp (TMPDIR is the run folder)",
         "network": "none" if bwrap else "host",
         "hidden_paths": list(limits.hide) if bwrap else [],
@@ -345,8 +395,18 @@ def isolation_report(limits: SandboxLimits | None = None) -> dict[str, Any]:
         "tasks": f"cgroup {cgroup} pids.max per run" if cgroup else ("RLIMIT_NPROC of the uid" if drop else "none"),
         "cpu": "RLIMIT_CPU per process",
         "wall_clock": "enforced by the parent; results seen after it are rejected",
-        "dies_with_parent": "whole run (PID namespace)" if bwrap else "leader (PR_SET_PDEATHSIG)",
+        "dies_with_parent": "whole run (PID namespace)"
+        if bwrap
+        else f"leader (PR_SET_PDEATHSIG), the rest {_reaped(cgroup, slots)}",
+        "leftovers": "folders and cgroups of a killed agent are removed by its reaper process (runspace.watch)",
     }
+
+
+def _reaped(cgroup: str | None, slots: bool) -> str:
+    """How the rest of an unisolated run dies with the agent: killed by the reaper through what it can find."""
+    if cgroup:
+        return "killed by the agent's reaper through the run's cgroup"
+    return "killed by the agent's reaper by uid" if slots else "outlives it (no cgroup, shared uid)"
 
 
 def _child_env(workdir: str, threads: int, token: str, drop: bool) -> dict[str, str]:
@@ -392,8 +452,9 @@ def run_program(
     stdout is kept up to `limits.file_mb`, stderr up to 1 MB. Under bwrap only the folder and the read-only
     system paths are visible, so programs and their inputs belong in `files` or the folder. A given `workdir`
     must not be shared by runs that overlap in time: the clean-up kills processes whose cwd is in it; a folder
-    an earlier run's code could write may hold anything, so give each run a fresh one. Raises
-    `IsolationUnavailable` when no allowed mode exists (nothing is run), `ValueError` when `workdir` is a link.
+    an earlier run's code could write may hold anything, so give each run a fresh one; it is bounded by `disk_mb`
+    and `inodes` only if made by `runspace.make_folder`. Raises `IsolationUnavailable` when no allowed mode
+    exists (nothing is run), `ValueError` when `workdir` is a link.
     """
     if not argv:
         raise ValueError("argv must name a program to run")
@@ -401,7 +462,7 @@ def run_program(
         _relative(name)
     mode = _mode(limits)
     own_dir = workdir is None
-    work = tempfile.mkdtemp(prefix="discover-sandbox-") if own_dir else os.path.abspath(workdir)
+    work = runspace.make_folder(limits.disk_mb, limits.inodes) if own_dir else os.path.abspath(workdir)
     try:
         folder = _folder_identity(work)
         for name, data in (files or {}).items():
@@ -410,7 +471,7 @@ def run_program(
         return _run(launcher, limits, mode, work, folder, stdin, stdout_cap=limits.file_mb << 20, tail=False)
     finally:
         if own_dir:
-            shutil.rmtree(work, ignore_errors=True)
+            runspace.remove_folder(work)
 
 
 def _folder_identity(work: str) -> tuple[int, int]:
@@ -421,8 +482,8 @@ def _folder_identity(work: str) -> tuple[int, int]:
     return info.st_dev, info.st_ino
 
 
-def _hand_over(work: str, folder: tuple[int, int]) -> None:
-    """Give the run's folder to the unprivileged uid through a descriptor opened without following a link and
+def _hand_over(work: str, folder: tuple[int, int], uid: int) -> None:
+    """Give the run's folder to the run's unprivileged `uid` through a descriptor opened without following a link and
     checked to be `folder`: a link or another folder put at its path is refused, never chowned (as root, a
     chown by path would follow a link planted by an earlier run's code to any host path)."""
     try:
@@ -433,7 +494,7 @@ def _hand_over(work: str, folder: tuple[int, int]) -> None:
         info = os.fstat(fd)
         if (info.st_dev, info.st_ino) != folder:
             raise ValueError(f"the run's folder {work!r} was replaced before the run; refusing to hand it over")
-        os.fchown(fd, UNPRIVILEGED_ID, UNPRIVILEGED_ID)
+        os.fchown(fd, uid, uid)
     finally:
         os.close(fd)
 
@@ -473,22 +534,32 @@ def _run(
     tail: bool,
 ) -> ProcessResult:
     _record(mode)
+    runspace.watch()
     token = secrets.token_hex(16)
     drop = _drops(mode)
-    if drop:
-        _hand_over(work, folder)
-    cgroup = RunCgroup(limits.memory_mb, limits.processes, token) if cgroup_parents() else None
-    try:
-        nproc = 0 if cgroup or not drop else limits.processes
-        runner_arg = limits._runner_arg(drop, nproc, 0 if mode == "bwrap" else os.getpid())
-        argv = [runner_arg if a == "LIMITS" else a for a in argv]
-        command = [shutil.which("bwrap") or "bwrap", *_bwrap_args(work, limits), *argv] if mode == "bwrap" else argv
-        if cgroup:
-            command = cgroup.wrap(command)
-        return _spawn(command, limits, mode, work, stdin, token, cgroup, stdout_cap=stdout_cap, tail=tail)
-    finally:
-        if cgroup:
-            cgroup.remove()
+    with _uid(mode) as uid:
+        if drop:
+            _hand_over(work, folder, uid)
+        cgroup = RunCgroup.create(limits.memory_mb, limits.processes, token) if cgroup_parents() else None
+        try:
+            nproc = 0 if cgroup or not drop else limits.processes
+            runner_arg = limits._runner_arg(uid if drop else -1, nproc, 0 if mode == "bwrap" else os.getpid())
+            argv = [runner_arg if a == "LIMITS" else a for a in argv]
+            command = [shutil.which("bwrap") or "bwrap", *_bwrap_args(work, limits), *argv] if mode == "bwrap" else argv
+            if cgroup:
+                command = cgroup.wrap(command)
+            return _spawn(command, limits, mode, work, stdin, token, cgroup, stdout_cap=stdout_cap, tail=tail)
+        finally:
+            if cgroup:
+                cgroup.remove()
+
+
+def _uid(mode: str) -> contextlib.AbstractContextManager[int]:
+    """The uid a run in `mode` drops to: a uid slot of its own without namespaces (where slots work here),
+    else `UNPRIVILEGED_ID` (under bwrap, namespaces keep concurrent runs apart)."""
+    if mode == "unsafe-none" and runspace.slots_unavailable() is None:
+        return runspace.uid_slot()
+    return contextlib.nullcontext(UNPRIVILEGED_ID)
 
 
 def _spawn(
@@ -633,7 +704,7 @@ def run_function(code: str, entry: str, kwargs: Mapping[str, Any], limits: Sandb
         source = code.encode("utf-8")
     except UnicodeEncodeError as exc:
         return SandboxResult(False, None, f"the code is not valid Unicode text: {exc.reason} at {exc.start}", mode, 0.0)
-    work = tempfile.mkdtemp(prefix="discover-sandbox-")
+    work = runspace.make_folder(limits.disk_mb, limits.inodes)
     try:
         folder = _folder_identity(work)
         arrays = {k: v for k, v in kwargs.items() if isinstance(v, np.ndarray)}
@@ -652,7 +723,7 @@ def run_function(code: str, entry: str, kwargs: Mapping[str, Any], limits: Sandb
             return SandboxResult(False, None, proc.status, proc.mode, proc.wall_s, stdout, proc.cpu_s)
         return _read_result(Path(work), proc, stdout, limits)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        runspace.remove_folder(work)
 
 
 def _read_result(work: Path, proc: ProcessResult, stdout: str, limits: SandboxLimits) -> SandboxResult:

@@ -12,7 +12,8 @@ import uuid
 
 import pytest
 
-from discover_envs import sandbox
+from discover_envs import runspace, sandbox
+from discover_envs.problem import InvalidSolution
 from discover_envs.problems import contest
 from discover_envs.problems.ahc039 import PurseSeine
 from discover_envs.sandbox import ProcessResult, bwrap_available
@@ -55,6 +56,15 @@ def test_every_case_runs_in_a_fresh_folder():
     )
     result = PurseSeine(n_cases=3, timeout_s=10.0).evaluate(f"```python\n{code}\n```", {})
     assert result.details["case_errors"] == [None] * 3, result.details["case_errors"]
+
+
+@pytest.mark.skipif(runspace.folder_unbounded() is not None, reason="sized run folders need root and tmpfs")
+def test_a_programs_files_are_bounded_across_its_cases():
+    """Before, the cases' parent was a plain temp folder: a program could fill the disk and its inodes."""
+    code = f"import os\nfor i in range(20000):\n    open(f'f{{i}}', 'w').close()\nprint('{SQUARE}')"
+    problem = PurseSeine(n_cases=1, timeout_s=20.0, wall_tolerance_s=40.0)
+    with pytest.raises(InvalidSolution, match="No space left on device"):
+        problem.evaluate(f"```python\n{code}\n```", {})
 
 
 def _run(wall: float, cpu: float, timed_out: bool = False) -> ProcessResult:

@@ -20,6 +20,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 import discover_envs  # noqa: F401 - registers the ids
+from discover_envs import sandbox
 from discover_envs.problem import InvalidSolution, InvalidState
 from discover_envs.problems import trimul
 from discover_envs.problems.trimul import (
@@ -340,7 +341,7 @@ loop = (
     "import os, time\\nn = 0\\nwhile True:\\n    n += 1\\n    open('t', 'w').write(str(n))\\n"
     "    os.replace('t', 'ticks')\\n    time.sleep(0.01)"
 )
-subprocess.Popen([sys.executable, "-c", loop], start_new_session=True)
+subprocess.Popen(LAUNCHER + [sys.executable, "-c", loop], start_new_session=True)
 
 
 def custom_kernel(data):
@@ -348,10 +349,29 @@ def custom_kernel(data):
 """
 
 
-def test_candidate_sandbox_is_stopped_while_the_reference_is_timed():
+def _has_freezer() -> bool:
+    cgroups = Path("/proc/self/cgroup").read_text()
+    return ":freezer:" in cgroups or Path("/sys/fs/cgroup/cgroup.controllers").exists()
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        pytest.param([], id="own-session"),
+        # Issue 26: a nested user + PID namespace hid a helper from a freeze by PID namespace. The namespace filter
+        # is off here, to test the freeze alone (it would stop the helper from starting).
+        pytest.param(
+            ["unshare", "-U", "-r", "-p", "-f"],
+            id="nested-user-and-pid-namespace",
+            marks=pytest.mark.skipif(not _has_freezer(), reason="no cgroup freezer here"),
+        ),
+    ],
+)
+def test_candidate_sandbox_is_stopped_while_the_reference_is_timed(launcher, monkeypatch):
+    monkeypatch.setattr(sandbox, "namespace_filter_missing", lambda: "off for this test", raising=False)
     problem = TriMul(reference_us=1.0, **QUICK)
     config = {"device": "cpu", "shapes": problem.shapes, "visible_devices": None}
-    worker = Worker(TICKER_CODE, config, problem.limits)
+    worker = Worker(TICKER_CODE.replace("LAUNCHER", repr(launcher)), config, problem.limits)
     ticks = Path(worker.work) / "ticks"
 
     def count() -> int:
@@ -363,7 +383,7 @@ def test_candidate_sandbox_is_stopped_while_the_reference_is_timed():
         deadline = time.monotonic() + 20
         while not ticks.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert count() < count()
+        assert count() < count(), "the helper never ran"
         with worker.frozen():
             stopped = count()
             assert count() == stopped

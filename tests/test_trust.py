@@ -198,12 +198,14 @@ def test_a_link_left_at_a_reused_folders_path_is_refused_not_chowned(tmp_path, u
 
 
 @needs_bwrap
-def test_the_run_dies_with_a_killed_agent(tmp_path):
-    """kill -9 of the process that started a run takes the run's whole process tree with it."""
+def test_the_run_dies_with_a_killed_agent_and_leaves_no_folder_or_cgroup(tmp_path):
+    """kill -9 of the process that started a run takes the run's whole process tree with it, and its reaper
+    removes the run's folder and cgroups (issue 26: both were left behind)."""
     marker = f"discover-trust-orphan-{uuid.uuid4().hex}"
     head, tail = marker[:20], marker[20:]  # only the sandboxed sleeper's command line holds the whole marker
     code = (
-        "import subprocess, sys, time\ndef run():\n"
+        "import pathlib, subprocess, sys, time\ndef run():\n"
+        f"    pathlib.Path({marker!r}).touch()\n"
         f"    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1000)', {head!r} + {tail!r}])\n"
         "    time.sleep(1000)\n"
     )
@@ -218,17 +220,33 @@ def test_the_run_dies_with_a_killed_agent(tmp_path):
         while not processes_with(marker) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert processes_with(marker), f"the sandboxed sleeper never started: {_output(proc)}"
+        folder = next(Path(tempfile.gettempdir()).glob(f"discover-*/{marker}")).parent
+        cgroups = _cgroup_folders(processes_with(marker)[0])
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 5
-        while processes_with(marker) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10
+
+        def left() -> list:
+            return processes_with(marker) + [p for p in [folder, *cgroups] if p.exists()]
+
+        while left() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert processes_with(marker) == []
+        assert left() == []
     finally:
         proc.kill()
         proc.communicate()
         for pid in processes_with(marker):
             os.kill(pid, 9)
+
+
+def _cgroup_folders(pid: int) -> list[Path]:
+    """The run cgroup folders (named discover-...) that process `pid` is in."""
+    folders = []
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if Path(path).name.startswith("discover-"):
+            folders.append(Path("/sys/fs/cgroup", controllers.split(",")[0], path.lstrip("/")))
+    return folders
 
 
 def _output(proc: subprocess.Popen) -> str:

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from abc import abstractmethod
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -29,6 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from discover_envs import runspace
 from discover_envs.problem import Evaluation, InvalidSolution, InvalidState, Problem, extract_block
 from discover_envs.sandbox import ProcessResult, SandboxLimits, _open_regular, run_program
 from discover_envs.state import make_state
@@ -283,8 +283,9 @@ class ContestProblem(Problem):
     def _score_program(self, language: str, code: str, rule: TimeRule) -> Evaluation:
         outputs, scores, errors, walls, cpus, bases = [], [], [], [], [], []
         limits = rule.limits(self.memory_mb, self.output_mb)
-        # Root-owned, searchable but not writable by the code's uid: the case folders inside stay put.
-        parent = tempfile.mkdtemp(prefix="discover-contest-")
+        # Root-owned, searchable but not writable by the code's uid: the case folders inside stay put. A sized
+        # tmpfs where possible (`runspace.make_folder`), so the cases' disk and inode use is bounded.
+        parent = runspace.make_folder(limits.disk_mb, limits.inodes)
         os.chmod(parent, 0o711)
         try:
             argv, files = self._prepare(language, code, parent)
@@ -310,7 +311,7 @@ class ContestProblem(Problem):
                 cpus.append(None if math.isnan(proc.cpu_s) else round(proc.cpu_s, 3))
                 bases.append(rule.basis(proc))
         finally:
-            shutil.rmtree(parent, ignore_errors=True)
+            runspace.remove_folder(parent)
         if all(e is not None for e in errors):
             raise InvalidSolution(f"the program failed on every test case; first error: {errors[0]}")
         mean = float(np.mean(scores))

@@ -21,17 +21,14 @@ import json
 import math
 import os
 import secrets
-import shutil
 import signal
 import socket
 import statistics
 import struct
 import sys
-import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any, ClassVar
@@ -40,8 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from discover_envs import runspace
 from discover_envs.problem import Evaluation, InvalidSolution, InvalidState, Problem, extract_block
-from discover_envs.sandbox import ProcessResult, run_program
+from discover_envs.sandbox import ProcessResult, frozen, run_program
 from discover_envs.state import content_id, make_state
 
 #: Shapes on CPU: GPUMode's benchmark shapes scaled down (sequence 32-64 instead of 256-1024, dim 32-64
@@ -294,7 +292,7 @@ class Worker:
 
     def __init__(self, code: str, config: dict[str, Any], limits: Any, *, is_reference: bool = False) -> None:
         self.is_reference = is_reference
-        self.work = tempfile.mkdtemp(prefix="discover-trimul-")
+        self.work = runspace.make_folder(limits.disk_mb, limits.inodes)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(os.path.join(self.work, SOCKET_NAME))
         os.chmod(os.path.join(self.work, SOCKET_NAME), 0o666)  # the worker runs as an unprivileged uid
@@ -408,44 +406,10 @@ class Worker:
         ended = f"the code's process ended before answering ({outcome.status})"
         return WorkerFailed(ended + (f": {stderr}" if stderr else ""))
 
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator[None]:
-        """Stop every process of this worker's sandbox (SIGSTOP, which no code can catch) for the duration, so
-        nothing it left running competes with the other worker's timed calls; continue them afterwards."""
-        stopped: set[int] = set()
-        try:
-            for _ in range(3):  # a process forked while the first pass ran is caught by the next
-                fresh = set(self._sandbox_pids()) - stopped
-                for pid in fresh:
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGSTOP)
-                stopped |= fresh
-                if not fresh:
-                    break
-            yield
-        finally:
-            for pid in stopped:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGCONT)
-
-    def _sandbox_pids(self) -> list[int]:
-        """The worker's processes: those in its PID namespace (bubblewrap), else those in its session."""
-        if self.pid is None:
-            return []
-        try:
-            namespace = os.readlink(f"/proc/{self.pid}/ns/pid")
-            own = namespace != os.readlink("/proc/self/ns/pid")
-            session = os.getsid(self.pid)
-        except OSError:
-            return []
-        found = []
-        for name in os.listdir("/proc"):
-            if not name.isdigit() or int(name) == os.getpid():
-                continue
-            with contextlib.suppress(OSError):
-                if (os.readlink(f"/proc/{name}/ns/pid") == namespace) if own else os.getsid(int(name)) == session:
-                    found.append(int(name))
-        return found
+    def frozen(self) -> contextlib.AbstractContextManager[None]:
+        """Every process of this worker's sandbox stopped for the duration (its cgroup's freezer where there is
+        one), so nothing it left running competes with the other worker's timed calls."""
+        return frozen(self.pid)
 
     def close(self) -> None:
         """Hang up, give the worker a moment to exit, then kill it; remove its folder once it is gone."""
@@ -457,7 +421,7 @@ class Worker:
             with contextlib.suppress(OSError):
                 os.kill(self.pid, signal.SIGKILL)
         self.thread.join()
-        shutil.rmtree(self.work, ignore_errors=True)
+        runspace.remove_folder(self.work)
 
 
 @dataclass(frozen=True)
@@ -531,8 +495,9 @@ class TriMul(Problem):
     shape, the worst error and where it is in `info["error"]`. On CPU the worker's CPU time (read from the
     kernel's accounting of its process) over a call may not exceed `MAX_CORES` times its wall time: thread pools
     would make wall time a count of cores. While the reference is timed, every process of the candidate's
-    sandbox is stopped (SIGSTOP; its PID namespace under bubblewrap, its session otherwise), so nothing the code
-    left running can slow the reference down and inflate the ratio. Per shape the figure is the median of the
+    sandbox is stopped (its run cgroup frozen; without a cgroup freezer, SIGSTOP to its PID namespace under
+    bubblewrap, where no nested namespace can be made, or its session otherwise), so nothing the code left
+    running can slow the reference down and inflate the ratio. Per shape the figure is the median of the
     `reps` timed calls; `score` is the geometric mean over shapes, in microseconds (lower is better). `info`
     has `reference_us` (same statistic for the reference, same run), `speedup` (their ratio), `shape_us` and
     `max_error` (timed calls) and `test_max_error` (test shapes).
