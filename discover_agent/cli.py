@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from discover_agent.config import (
+    MAX_CONFIG_DEPTH,
     AgentConfig,
     ConfigError,
     GreedyConfig,
     TTTConfig,
     checked_fields,
     load_run_config,
+    nests_deeper_than,
     read_mapping,
 )
 
@@ -50,6 +52,10 @@ def _json_object(text: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError(f"nested more than {MAX_CONFIG_DEPTH} levels deep") from None
+    if nests_deeper_than(value, MAX_CONFIG_DEPTH):
+        raise argparse.ArgumentTypeError(f"nested more than {MAX_CONFIG_DEPTH} levels deep")
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"n\": 16}}', got {text!r}")
     return value
