@@ -150,6 +150,13 @@ def test_env_kwargs_nested_too_deep_is_a_one_line_error(tiny_model_dir, tmp_path
     assert "levels deep" in one_error_line(capsys)
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--port", "99999"), ("--port", "-1"), ("--max-tokens", "0")])
+def test_serve_refuses_an_impossible_port_or_cap_in_one_line(tiny_model_dir, capsys, flag, value):
+    """Red-team: `serve --port 99999` raised OverflowError (after loading the model)."""
+    assert exit_code(["serve", "--model", str(tiny_model_dir), "--device", "cpu", flag, value]) == 2
+    assert flag in one_error_line(capsys, "serve")
+
+
 def test_an_unwritable_out_is_one_line_naming_the_folder(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert exit_code(run_args(tiny_model_dir, tmp_path / "file" / "run")) == 2
