@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from discover_agent.config import (
+    MAX_CONFIG_DEPTH,
     AgentConfig,
     ConfigError,
     ESConfig,
@@ -25,6 +26,7 @@ from discover_agent.config import (
     TTTConfig,
     checked_fields,
     load_run_config,
+    nests_deeper_than,
     read_mapping,
 )
 
@@ -51,9 +53,29 @@ def _json_object(text: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError(f"nested more than {MAX_CONFIG_DEPTH} levels deep") from None
+    if nests_deeper_than(value, MAX_CONFIG_DEPTH):
+        raise argparse.ArgumentTypeError(f"nested more than {MAX_CONFIG_DEPTH} levels deep")
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"n\": 16}}', got {text!r}")
     return value
+
+
+def _bounded_int(low: int, high: int | None = None) -> Any:
+    """Parse an integer in [low, high] (high None: no upper bound), e.g. a port in 0..65535."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f"{low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {span}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _list_of(item: type) -> Any:
@@ -260,6 +282,8 @@ def cmd_leaderboard(argv: list[str]) -> int:
 
 
 def cmd_serve(argv: list[str]) -> int:
+    from discover_agent.serve import MAX_PROMPT_TOKENS, serve
+
     parser = Parser(
         prog="discover serve",
         description="Serve a local model over an OpenAI-compatible API (/v1/models, /v1/chat/completions); "
@@ -267,15 +291,19 @@ def cmd_serve(argv: list[str]) -> int:
     )
     parser.add_argument("--model", default=None, help="local HF model folder (default: the embedded SmolLM2)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--port", type=_bounded_int(0, 65535), default=8000, help="port to listen on (default: 8000)")
     parser.add_argument("--name", default=None, help="model id shown by /v1/models (default: from --model)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling sequence (default: 0)")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="cap on a request's max_tokens (default: 1024)")
+    parser.add_argument(
+        "--max-tokens", type=_bounded_int(1), default=1024, help="cap on a request's max_tokens (default: 1024)"
+    )
+    parser.add_argument(
+        "--max-prompt-tokens", type=_bounded_int(1), default=MAX_PROMPT_TOKENS,
+        help=f"longest prompt in tokens, after the chat template; longer get HTTP 400 (default: {MAX_PROMPT_TOKENS})",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    from discover_agent.serve import serve
-
-    serve(args.model, args.host, args.port, args.device, args.seed, args.name, args.max_tokens)
+    serve(args.model, args.host, args.port, args.device, args.seed, args.name, args.max_tokens, args.max_prompt_tokens)
     return 0
 
 

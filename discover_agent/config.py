@@ -237,21 +237,65 @@ CONFIG_CLASSES: dict[str, type[AgentConfig]] = {
 }
 
 
+#: Largest config file read, in bytes, and deepest nesting of its values (a run's config.json nests 3 deep).
+MAX_CONFIG_BYTES = 2**20
+MAX_CONFIG_DEPTH = 32
+
+
+class _AliasRefused(Exception):
+    """A YAML alias in a config file (see `_NoAliasLoader`)."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: `*name` lets a few lines stand for billions of values ("billion laughs")
+    once the config is copied or saved, and a config has no use for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(f"YAML aliases (*{event.anchor}, line {event.start_mark.line + 1}) are not allowed")
+        return super().compose_node(parent, index)
+
+
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """A JSON or YAML file holding one mapping, with errors that name the file."""
+    """A JSON or YAML file holding one mapping, with errors that name the file; at most `MAX_CONFIG_BYTES`
+    and `MAX_CONFIG_DEPTH` levels deep, without YAML aliases."""
     path = Path(path)
     kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} has more than {MAX_CONFIG_BYTES} bytes; config files are read up to that")
+    too_deep = f"{path} nests values more than {MAX_CONFIG_DEPTH} levels deep"
     try:
-        data = yaml.safe_load(text) if kind == "YAML" else json.loads(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path} is not valid {kind}: {exc}") from None
+        text = raw.decode("utf-8")
+        data = yaml.load(text, Loader=_NoAliasLoader) if kind == "YAML" else json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} is not valid {kind}: {' '.join(str(exc).split())}") from None
+    except _AliasRefused as exc:
+        raise ConfigError(f"{path}: {exc} in a config file") from None
+    except RecursionError:
+        raise ConfigError(too_deep) from None
+    if nests_deeper_than(data, MAX_CONFIG_DEPTH):
+        raise ConfigError(too_deep)
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config fields, got {type(data).__name__}")
     return data
+
+
+def nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists and mappings in `value` nest more than `limit` levels (iteratively: no recursion limit)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def checked_fields(data: dict[str, Any], where: str, *classes: type[AgentConfig]) -> dict[str, Any]:

@@ -77,6 +77,21 @@ def default_max_new_tokens(spec: ConstructionSpec, decimals: int = 4, length: in
     return 2 + elements * (element + 2) - 2  # "[" + elements joined by ", " + "]"
 
 
+def _shortest_chars(spec: ConstructionSpec, elements: int) -> int:
+    """A lower bound on the characters of an array of `elements` elements that the grammar accepts for `spec`:
+    the fewest integer digits (and "-") any number in [low, high] needs, commas without spaces."""
+    if elements < 1:
+        return 2  # "[]"
+    if spec.low <= 0 <= spec.high:
+        number = 1
+    elif spec.low > 0:
+        number = len(str(math.floor(spec.low)))
+    else:
+        number = 1 + len(str(math.floor(-spec.high)))
+    element = number if spec.kind == "sequence" else 2 + spec.arity * number + spec.arity - 1
+    return 2 + elements * element + elements - 1
+
+
 def token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The text each token id adds to a reply, decoded by the tokenizer's own decoder.
 
@@ -110,13 +125,17 @@ class _Numbers:
         if self.lo is not None and self.hi is not None and self.lo > self.hi:
             raise ValueError(f"no number with at most {decimals} decimals lies in [{low}, {high}]")
         self._memo: dict[str, bool] = {}
+        self._keys: dict[str, Any] = {}
 
     def _first_unit(self, bound: float, direction: int) -> int:
         """The lowest (direction 1) or highest (-1) unit count whose float is inside `bound`, the way the
         verifier compares: as floats, so "0.1" meets a bound of 0.1 though 1/10 < float(0.1) exactly."""
 
         def inside(units: int) -> bool:
-            value = units / self.scale  # int / int is correctly rounded, like json.loads of the decimal
+            try:
+                value = units / self.scale  # int / int is correctly rounded, like json.loads of the decimal
+            except OverflowError:  # past the largest float: json.loads reads such a decimal as +-inf
+                value = math.inf if units > 0 else -math.inf
             return value >= bound if direction == 1 else value <= bound
 
         exact = Fraction(bound) * self.scale
@@ -199,13 +218,42 @@ class _Numbers:
         return self._overlaps(negative, magnitude, magnitude)
 
     def key(self, text: str) -> Any:
-        """A cache key: numbers past the '.' whose every continuation is in bounds behave alike."""
+        """A cache key: numbers past the '.' whose every continuation is in bounds behave alike, and so do
+        integer prefixes of one sign and length with the same `_levels` (else the search over a bound that
+        excludes short numbers, such as [1e7, 9e7], would visit every prefix: 10**7 of them)."""
+        if text not in self._keys:
+            self._keys[text] = self._key(text)
+        return self._keys[text]
+
+    def _key(self, text: str) -> Any:
         negative, integer, fraction = self._split(text) or (False, "", None)
         if fraction is not None:
             low, high = self._interval(integer, fraction)
             if self._overlaps(negative, low, low) and self._overlaps(negative, high, high):
                 return negative, len(fraction)
+        elif integer not in ("", "0"):  # "0" takes no more digits, unlike other prefixes
+            levels = self._levels(negative, int(integer))
+            if levels is not None:
+                return negative, len(integer), levels
         return text
+
+    def _levels(self, negative: bool, prefix: int) -> tuple[bool, ...] | None:
+        """For k = 0, 1, ... more integer digits: whether every number so written from the integer `prefix` is
+        in bounds (True) or none is (False); None if some k is partly in. Up to the k past every finite bound,
+        from which on the answer no longer changes. A digit appended to the prefix shifts this tuple by one,
+        so equal tuples (and length, sign) have equal futures."""
+        limit = max((abs(b) for b in (self.lo, self.hi) if b is not None), default=0)
+        levels = []
+        low, width = prefix * self.scale, self.scale
+        while True:
+            high = low + width - 1
+            inside = self._overlaps(negative, low, low) and self._overlaps(negative, high, high)
+            if not inside and self._overlaps(negative, low, high):
+                return None
+            levels.append(inside)
+            if low > limit:
+                return tuple(levels)
+            low, width = low * 10, width * 10
 
 
 class _Node:
@@ -242,8 +290,8 @@ class JsonArrayConstraint:
             raise ValueError(f"spec.kind must be 'sequence' or 'tuples', got {spec.kind!r}")
         if spec.arity < 1 or not 0 <= spec.min_length <= spec.max_length:
             raise ValueError(f"spec needs arity >= 1 and 0 <= min_length <= max_length, got {spec}")
-        if not spec.low <= spec.high:
-            raise ValueError(f"spec needs low <= high, got [{spec.low}, {spec.high}]")
+        if not (spec.low <= spec.high and spec.low < math.inf and spec.high > -math.inf):
+            raise ValueError(f"spec needs low <= high and a finite number between, got [{spec.low}, {spec.high}]")
         if not (isinstance(max_decimals, int) and max_decimals >= 0):
             raise ValueError(f"max_decimals must be a non-negative int, got {max_decimals!r}")
         self.spec = spec
@@ -280,6 +328,7 @@ class JsonArrayConstraint:
         if max_new_tokens is not None:
             if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
                 raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+            self._check_fits(max_new_tokens, longest)
             self.min_new_tokens = self._cost(_State(_START))
             if self.min_new_tokens > max_new_tokens:
                 raise ValueError(
@@ -299,6 +348,22 @@ class JsonArrayConstraint:
         missing = sorted(needed - singles)
         if missing:
             raise ValueError(f"the tokenizer has no single-character token for {missing}")
+
+    def _check_fits(self, max_new_tokens: int, longest: int) -> None:
+        """Refuse, by arithmetic and before any search, a spec whose shortest array (or, when it may be empty,
+        whose one element) has more characters than `max_new_tokens` tokens of at most `longest` characters
+        can hold: the closing search walks every element count and tuple position up to that size, so an
+        unbounded spec (minItems = 10**9) would cost unbounded time and memory."""
+        spec = self.spec
+        elements = min(max(spec.min_length, 1), spec.max_length)
+        chars = _shortest_chars(spec, elements)
+        if chars > max_new_tokens * longest:
+            what = f"{elements} {'tuples' if self.tuples else 'numbers'}"
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} cannot hold a construction of this spec: the shortest array of "
+                f"{what} has {chars} characters, and a token of this tokenizer holds at most {longest}; raise "
+                f"--max-new-tokens to at least {-(-chars // longest)}"
+            )
 
     # -- the automaton ---------------------------------------------------------------------------------
 

@@ -14,12 +14,15 @@ from typing import Any
 
 from discover_envs.problem import ConstructionSpec
 
-__all__ = ["UnsupportedSchema", "construction_schema", "out_of_spec", "spec_from_schema"]
+__all__ = ["MAX_BOUND", "UnsupportedSchema", "construction_schema", "out_of_spec", "spec_from_schema"]
 
 _SUPPORTED = (
     'an array of numbers ({"type": "array", "items": {"type": "number", "minimum": .., "maximum": ..}, '
     '"minItems": .., "maxItems": ..}) or an array of fixed-length arrays of such numbers'
 )
+#: Largest magnitude of a number bound read: the grammar writes plain decimals (no exponent), and integers past
+#: 2**53 are not exact floats anyway; a bound of 1e300 would make every number 301 digits long.
+MAX_BOUND = 1e15
 _NUMBER_KEYS = {"type", "minimum", "maximum", "title", "description"}
 _ARRAY_KEYS = {"type", "items", "minItems", "maxItems", "title", "description"}
 
@@ -60,13 +63,20 @@ def _bounds(schema: Any, where: str) -> tuple[float, float]:
     unknown = set(schema) - _NUMBER_KEYS
     if unknown:
         raise UnsupportedSchema(f"{where} uses unsupported keyword(s) {sorted(unknown)}; supported: {_SUPPORTED}")
-    low, high = schema.get("minimum", -math.inf), schema.get("maximum", math.inf)
-    for name, value in (("minimum", low), ("maximum", high)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UnsupportedSchema(f"{where}.{name} must be a number, got {value!r}")
+    low = _finite(schema["minimum"], f"{where}.minimum") if "minimum" in schema else -math.inf
+    high = _finite(schema["maximum"], f"{where}.maximum") if "maximum" in schema else math.inf
     if not low <= high:
         raise UnsupportedSchema(f"{where} has minimum {low} > maximum {high}")
-    return float(low), float(high)
+    return low, high
+
+
+def _finite(value: Any, where: str) -> float:
+    """A bound as a float within ±`MAX_BOUND` (so also finite: 10**400 and 1e309 are refused by name)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UnsupportedSchema(f"{where} must be a number, got {value!r:.40}")
+    if not -MAX_BOUND <= value <= MAX_BOUND:
+        raise UnsupportedSchema(f"{where} must lie within ±{MAX_BOUND:g}, got {str(value)[:40]}")
+    return float(value)
 
 
 def spec_from_schema(schema: Any) -> ConstructionSpec:

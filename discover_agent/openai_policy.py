@@ -9,6 +9,11 @@ json_schema form (OpenAI, vLLM, SGLang, `discover serve`) first, and llama-cpp-p
 `{"type": "json_object", "schema": ...}` once a server refuses that (it answers HTTP 500 or 400). The latter
 enforces the array's length but not number bounds, so every reply is checked against the spec and the ones
 that break it are counted (`out_of_spec`) and reported in a warning.
+
+A hostile or broken endpoint cannot flood the run: an answer over `MAX_RESPONSE_BYTES`, or one that is not a
+completion (JSON nested too deeply, a log-prob that is not a number), is an `EndpointError`; a reply longer than
+the env reads (`MAX_TEXT` characters) is cut to `MAX_TEXT` + 1, so it stays invalid and is logged short, and
+the cuts are counted (`cut`) and reported in a warning.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 
 from discover_agent.json_schema import construction_schema, out_of_spec
 from discover_agent.policy import Policy, Sample
+from discover_envs.env import MAX_TEXT
 from discover_envs.problem import ConstructionSpec
 
 __all__ = ["SCHEMA_FORMS", "EndpointError", "OpenAIPolicy", "construction_schema"]
@@ -37,6 +43,8 @@ _JSON_FENCE = ("```json\n", "\n```")
 SCHEMA_FORMS = ("json_schema", "json_object")
 #: Status codes with which servers refuse a `response_format` form they do not know.
 _REFUSED = (400, 422, 500)
+#: Largest answer read, in bytes (64 replies of 8,192 tokens with log-probs take ~60 MB); more is an error.
+MAX_RESPONSE_BYTES = 256 * 2**20
 
 
 class EndpointError(RuntimeError):
@@ -101,6 +109,8 @@ class OpenAIPolicy(Policy):
         #: Constrained replies so far, and how many of them broke the spec (the server did not enforce it).
         self.constrained = 0
         self.out_of_spec = 0
+        #: Replies longer than `MAX_TEXT` characters, cut to `MAX_TEXT` + 1.
+        self.cut = 0
         self._lock = threading.Lock()
 
     def reseed(self, seed: int) -> None:
@@ -114,7 +124,7 @@ class OpenAIPolicy(Policy):
             raise ValueError(f"n (replies per prompt) must be >= 1, got {n!r}")
         call = self._calls
         self._calls += 1
-        broken = self.out_of_spec
+        broken, cut = self.out_of_spec, self.cut
         if constraint_spec is not None and self.schema_form is None:
             # Learn the server's form on the first prompt alone, so parallel requests do not all get refused.
             first = [self._group(prompts[0], n, constraint_spec, (call, 0))]
@@ -130,6 +140,12 @@ class OpenAIPolicy(Policy):
                 "or replies hit max_tokens); %d of %d so far",
                 self.out_of_spec - broken, len(prompts) * n, self.url, self.schema_form, self.out_of_spec,
                 self.constrained,
+            )  # fmt: skip
+        if self.cut > cut:
+            logger.warning(
+                "%d of %d replies from %s were longer than %d characters; each was cut to %d, which the env "
+                "refuses as too long (%d so far)", self.cut - cut, len(prompts) * n, self.url, MAX_TEXT, MAX_TEXT + 1,
+                self.cut,
             )  # fmt: skip
         return groups
 
@@ -178,13 +194,27 @@ class OpenAIPolicy(Policy):
             raise EndpointError(f"{self.url} answered a choice without message.content: {choice!r:.300}") from None
         if not isinstance(content, str):
             raise EndpointError(f"{self.url} answered a non-text message.content: {content!r:.300}")
+        if len(content) > MAX_TEXT:
+            content = content[: MAX_TEXT + 1]
+            with self._lock:
+                self.cut += 1
         text = content
         if spec is not None:
             text = _JSON_FENCE[0] + content.strip() + _JSON_FENCE[1]
             self._count(content, spec)
-        tokens = ((choice.get("logprobs") or {}).get("content") or []) if isinstance(choice, dict) else []
-        logprobs = [float(t["logprob"]) for t in tokens if isinstance(t, dict) and "logprob" in t]
-        return Sample(text=text, prompt_ids=[], completion_ids=[], logprobs=logprobs, temperature=self.temperature)
+        return Sample(text=text, prompt_ids=[], completion_ids=[], logprobs=self._logprobs(choice),
+                      temperature=self.temperature)  # fmt: skip
+
+    def _logprobs(self, choice: dict[str, Any]) -> list[float]:
+        """The per-token log-probs of a choice (OpenAI's `logprobs.content[].logprob`), [] when not given."""
+        given = choice.get("logprobs")
+        tokens = given.get("content") if isinstance(given, dict) else None
+        if not isinstance(tokens, list):
+            return []
+        try:
+            return [float(t["logprob"]) for t in tokens if isinstance(t, dict) and "logprob" in t]
+        except (TypeError, ValueError):
+            raise EndpointError(f"{self.url} answered a logprob that is not a number") from None
 
     def _count(self, content: str, spec: ConstructionSpec) -> None:
         try:
@@ -202,18 +232,33 @@ class OpenAIPolicy(Policy):
         request = urllib.request.Request(self.url, json.dumps(payload).encode(), headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                body = response.read().decode("utf-8", errors="replace")
+                data = self._read(response)
         except urllib.error.HTTPError as exc:
-            detail = exc.read().decode("utf-8", errors="replace")[:500]
+            detail = exc.read(2000).decode("utf-8", errors="replace")[:500]
             raise EndpointError(f"{self.url} answered HTTP {exc.code} {exc.reason}: {detail}", exc.code) from None
         except urllib.error.URLError as exc:
             raise EndpointError(f"cannot reach {self.url}: {exc.reason}") from None
         except TimeoutError:
             raise EndpointError(f"{self.url} did not answer within {self.timeout_s:g} s") from None
+        body = data.decode("utf-8", errors="replace")
         try:
             answer = json.loads(body)
         except json.JSONDecodeError as exc:
             raise EndpointError(f"{self.url} answered invalid JSON ({exc.msg}): {body[:200]!r}") from None
+        except RecursionError:
+            raise EndpointError(f"{self.url} answered JSON nested too deeply: {body[:200]!r}") from None
         if not isinstance(answer, dict):
             raise EndpointError(f"{self.url} answered JSON that is not an object: {body[:200]!r}")
         return answer
+
+    def _read(self, response: Any) -> bytes:
+        """The answer's body, read in 1 MiB pieces up to `MAX_RESPONSE_BYTES`."""
+        chunks, size = [], 0
+        while chunk := response.read(2**20):
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise EndpointError(
+                    f"{self.url} answered more than {MAX_RESPONSE_BYTES} bytes; discover reads at most that"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)

@@ -3,17 +3,25 @@
 Any OpenAI client (the `openai` package, OpenEvolve, `--endpoint` agents) can then sample from the embedded
 SmolLM2 or a local HF folder. `response_format` with a JSON schema of a construction (array, length, number
 bounds; the `json_schema` form of OpenAI/vLLM or llama.cpp's `json_object` + `schema`) is enforced by the
-same grammar `LocalPolicy` uses, so even a tiny model answers with valid constructions. One model, requests
-served one at a time (a lock around generation); the request's `model` name is echoed, not checked, and its
-`seed` is not honoured (sampling follows the server's `--seed` from start-up). Not supported, and refused
-with HTTP 400: streaming, stop sequences, non-text content, schemas other than constructions.
+same grammar `LocalPolicy` uses, so even a tiny model answers with valid constructions. One model, one
+generation at a time on a worker thread, so `/v1/models` is answered while it runs; the request's `model` name
+is echoed, not checked, and its `seed` is not honoured (sampling follows the server's `--seed` from start-up).
+Not supported, and refused with HTTP 400: streaming, stop sequences, non-text content, schemas other than
+constructions.
+
+Bounded before the model sees it: the body (`MAX_BODY_BYTES`, else 413), strict JSON in valid Unicode, the
+prompt (`max_prompt_tokens`), the reply (`max_tokens`), a schema whose shortest array cannot fit in the reply
+(refused by arithmetic, before the grammar's search) and the queue (`MAX_WAITING`, else 503). A request whose
+client disconnects stops generating at the next token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import socket
 import threading
 import time
@@ -23,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.requests import Request
+from jinja2.exceptions import TemplateError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect, Request
 
 from discover_agent.json_schema import UnsupportedSchema, spec_from_schema
 from discover_agent.model import EMBEDDED_NAME
@@ -35,12 +43,32 @@ from discover_envs.problem import ConstructionSpec
 
 __all__ = ["ServedPolicy", "create_app", "running", "serve"]
 
+_log = logging.getLogger(__name__)
+
 #: A request's temperature 0 (greedy, in OpenAI's API) is sampled at this temperature: the policy samples.
 GREEDY_TEMPERATURE = 1e-5
-
-
 #: Grammars kept per (spec, reply budget); building one scans the vocabulary, clients vary these little.
 MAX_GRAMMARS = 32
+#: Largest request body read, in bytes (a prompt of MAX_PROMPT_TOKENS tokens takes tens of KB); more is HTTP 413.
+MAX_BODY_BYTES = 4 * 2**20
+#: Longest prompt, in tokens of the model's tokenizer, after the chat template; more is HTTP 400.
+MAX_PROMPT_TOKENS = 8192
+#: Requests waiting for the model or generating at once; more are answered HTTP 503 at once.
+MAX_WAITING = 16
+#: How often a waiting or generating request checks that its client is still connected, in seconds.
+DISCONNECT_POLL_S = 0.1
+
+
+class _BadRequest(ValueError):
+    """A request this server cannot honour; answered with `status` (400 unless said) in OpenAI's error shape."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _ClientGone(Exception):
+    """The client disconnected: its request is dropped, and its generation stopped at the next token."""
 
 
 class ServedPolicy(LocalPolicy):
@@ -51,6 +79,13 @@ class ServedPolicy(LocalPolicy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._budgeted: dict[tuple[ConstructionSpec, int], TokenConstraint] = {}
+        #: Set by the server when the client of the request being sampled has left; checked every token.
+        self.gone: threading.Event | None = None
+        self.progress = self._stop_if_gone
+
+    def _stop_if_gone(self, _live: int) -> None:
+        if self.gone is not None and self.gone.is_set():
+            raise _ClientGone
 
     def chat_prompt(self, prompt: str) -> str:
         return prompt
@@ -73,10 +108,10 @@ class Message(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
-        """The message text; content parts of type "text" are joined (other parts are refused upstream)."""
+        """The message text; content parts of type "text" are joined (`_check` refuses any other part)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        return "".join(part.get("text", "") for part in self.content)
+        return "".join(part["text"] for part in self.content)
 
 
 class ChatRequest(BaseModel):
@@ -96,12 +131,46 @@ class ChatRequest(BaseModel):
     response_format: dict[str, Any] | None = None
 
 
-class _BadRequest(ValueError):
-    """A request this server cannot honour; answered as HTTP 400 with OpenAI's error shape."""
-
-
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+async def _body(http: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    too_big = _BadRequest(f"the request body has more than {limit} bytes; this server reads at most that", 413)
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse(body: bytes) -> ChatRequest:
+    """The request from its JSON body: strict JSON (no NaN/Infinity), valid Unicode, bounded nesting."""
+    try:
+        data = json.loads(body, parse_constant=_refuse_constant)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") fails here
+    except UnicodeError as exc:
+        raise _BadRequest(f"the request is not valid Unicode text ({exc.reason})") from None
+    except ValueError as exc:
+        raise _BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _BadRequest("the request body is nested too deeply") from None
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise _BadRequest(f"invalid request: {where}: {first.get('msg', exc)}") from None
 
 
 def _constraint_spec(response_format: dict[str, Any] | None) -> ConstructionSpec | None:
@@ -110,13 +179,16 @@ def _constraint_spec(response_format: dict[str, Any] | None) -> ConstructionSpec
         return None
     kind = response_format.get("type")
     if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
+        wrapper = response_format.get("json_schema")
+        if not isinstance(wrapper, dict):
+            raise _BadRequest("response_format.json_schema must be an object holding the 'schema'")
+        schema = wrapper.get("schema")
     elif kind == "json_object":
         schema = response_format.get("schema")
         if schema is None:
             raise _BadRequest("response_format json_object needs a 'schema' here (free-form JSON is not enforced)")
     else:
-        raise _BadRequest(f"unknown response_format type {kind!r}; use text, json_schema or json_object")
+        raise _BadRequest(f"unknown response_format type {kind!r:.40}; use text, json_schema or json_object")
     try:
         return spec_from_schema(schema)
     except UnsupportedSchema as exc:
@@ -128,59 +200,104 @@ def _check(request: ChatRequest) -> None:
         raise _BadRequest("stream=true is not supported by discover serve; ask without streaming")
     if request.stop:
         raise _BadRequest("stop sequences are not supported by discover serve; replies end at the model's EOS")
-    for message in request.messages:
-        if isinstance(message.content, list) and any(part.get("type") != "text" for part in message.content):
-            raise _BadRequest("only text content parts are supported")
+    for i, message in enumerate(request.messages):
+        for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
+            if part.get("type") != "text":
+                raise _BadRequest("only text content parts are supported")
+            if not isinstance(part.get("text"), str):
+                raise _BadRequest(f"messages.{i}.content.{j}.text must be a string, got {part.get('text')!r:.40}")
 
 
-def create_app(policy: LocalPolicy, model_name: str, max_tokens: int = 1024) -> FastAPI:
-    """The API around `policy` (its prompts must already be chat-formatted: use `ServedPolicy`)."""
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
+def create_app(
+    policy: ServedPolicy,
+    model_name: str,
+    max_tokens: int = 1024,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_waiting: int = MAX_WAITING,
+) -> FastAPI:
+    """The API around `policy`. Requests are parsed and checked on the event loop, then generated one at a
+    time on a worker thread, so `/v1/models` is answered at once whatever runs; at most `max_waiting`
+    requests wait or run (more get HTTP 503), and a request whose client disconnects stops generating."""
+    for name, value in (("max_tokens", max_tokens), ("max_prompt_tokens", max_prompt_tokens),
+                        ("max_body_bytes", max_body_bytes), ("max_waiting", max_waiting)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     app = FastAPI(title="discover serve", description=__doc__)
     lock = threading.Lock()
     created = int(time.time())
-    tokenizer = policy.tokenizer
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(400, f"invalid request: {where}: {first.get('msg', exc)}")
+    waiting = 0
 
     @app.get("/v1/models")
-    def models() -> dict[str, Any]:
+    async def models() -> dict[str, Any]:
         entry = {"id": model_name, "object": "model", "created": created, "owned_by": "discover"}
         return {"object": "list", "data": [entry]}
 
-    @app.post("/v1/chat/completions", response_model=None)
-    def chat(request: ChatRequest) -> dict[str, Any] | JSONResponse:
-        try:
-            _check(request)
-            spec = _constraint_spec(request.response_format)
-        except _BadRequest as exc:
-            return _error(400, str(exc))
-        limit = min(request.max_completion_tokens or request.max_tokens or max_tokens, max_tokens)
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        settings = {"temperature": max(request.temperature, GREEDY_TEMPERATURE), "max_new_tokens": limit}
-        with lock:  # the policy's config is per request, and one generation at a time uses the CPU best
+    def generate(request: ChatRequest, spec: ConstructionSpec | None, limit: int, gone: threading.Event) -> dict:
+        """The completion, on a worker thread holding the model (tokenizing and grammars included)."""
+        with lock:
+            if gone.is_set():
+                raise _ClientGone
+            messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+            try:
+                prompt = policy.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except TemplateError as exc:  # e.g. templates that require alternating user/assistant roles
+                raise _BadRequest(f"the model's chat template refused these messages: {exc}") from None
+            tokens = len(policy.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if tokens > max_prompt_tokens:
+                raise _BadRequest(f"the prompt has {tokens} tokens; this server takes at most {max_prompt_tokens}")
+            settings = {"temperature": max(request.temperature, GREEDY_TEMPERATURE), "max_new_tokens": limit}
             policy.config = dataclasses.replace(policy.config, **settings)
             if spec is not None:
                 try:
                     policy.constraint(spec)
                 except ValueError as exc:
-                    return _error(400, f"max_tokens={limit} is too small for this schema: {exc}")
-            samples = policy.sample([prompt], request.n, spec)[0]
-        choices = [_choice(i, s, spec is not None, request.logprobs, policy) for i, s in enumerate(samples)]
-        completion_tokens = sum(len(s.completion_ids) for s in samples)
-        prompt_tokens = len(samples[0].prompt_ids)
+                    raise _BadRequest(f"this schema cannot be enforced with max_tokens={limit}: {exc}") from None
+            policy.gone = gone
+            try:
+                samples = policy.sample([prompt], request.n, spec)[0]
+            finally:
+                policy.gone = None
+            choices = [_choice(i, s, spec is not None, request.logprobs, policy) for i, s in enumerate(samples)]
+        prompt_tokens, completion_tokens = len(samples[0].prompt_ids), sum(len(s.completion_ids) for s in samples)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": request.model or model_name, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }  # fmt: skip
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(http: Request) -> dict[str, Any] | JSONResponse:
+        nonlocal waiting
+        try:
+            request = _parse(await _body(http, max_body_bytes))
+            _check(request)
+            spec = _constraint_spec(request.response_format)
+        except _BadRequest as exc:
+            return _error(exc.status, str(exc))
+        except ClientDisconnect:
+            return _error(499, "the client disconnected")
+        if waiting >= max_waiting:
+            return _error(503, f"{waiting} requests are waiting for the model; retry later", "server_busy")
+        limit = min(request.max_completion_tokens or request.max_tokens or max_tokens, max_tokens)
+        gone = threading.Event()
+        waiting += 1
+        try:
+            job = asyncio.create_task(asyncio.to_thread(generate, request, spec, limit, gone))
+            while not job.done():
+                await asyncio.wait([job], timeout=DISCONNECT_POLL_S)
+                if not job.done() and await http.is_disconnected():
+                    gone.set()
+            return job.result()
+        except _BadRequest as exc:
+            return _error(exc.status, str(exc))
+        except _ClientGone:
+            _log.info("the client of a chat request disconnected; its generation was stopped")
+            return _error(499, "the client disconnected")
+        finally:
+            gone.set()  # also when this handler is cancelled (server shutdown): the thread stops at the next token
+            waiting -= 1
 
     return app
 
@@ -251,11 +368,21 @@ def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[st
         sock.close()
 
 
-def serve(model: str | None, host: str, port: int, device: str, seed: int, name: str | None, max_tokens: int) -> None:
+def serve(
+    model: str | None,
+    host: str,
+    port: int,
+    device: str,
+    seed: int,
+    name: str | None,
+    max_tokens: int,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+) -> None:
     """Load the model and serve it until interrupted (Ctrl-C)."""
     import uvicorn
 
     policy = load_served_policy(model, device, seed)
     name = name or (Path(model).name if model else EMBEDDED_NAME)
+    app = create_app(policy, name, max_tokens, max_prompt_tokens)
     print(f"discover serve: {name} on http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
-    uvicorn.run(create_app(policy, name, max_tokens), host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -115,7 +115,21 @@ class DiscoverEnv(gym.Env[str, str]):
         missing = {"score", "construction", "code"} - set(state)
         if unknown or missing:
             raise InvalidState(f"state has unknown keys {sorted(unknown)} / lacks keys {sorted(missing)}")
-        expected_id = content_id(state["construction"], state["code"])
+        for key in ("code", "id", "parent_id"):
+            value = state.get(key)
+            if value is not None and not isinstance(value, str):
+                raise InvalidState(f"state {key} must be a str or None, got {type(value).__name__}")
+        code = state["code"]
+        if code is not None and len(code) > MAX_TEXT:
+            raise InvalidState(f"state code has {len(code)} characters; at most {MAX_TEXT} are read")
+        try:
+            if code is not None:
+                code.encode("utf-8")
+            expected_id = content_id(state["construction"], code)
+        except UnicodeEncodeError as exc:
+            raise InvalidState(f"state code is not valid Unicode text ({exc.reason} at index {exc.start})") from None
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidState(f"state construction is not JSON data: {str(exc) or 'nested too deeply'}") from None
         if state.get("id") not in (None, expected_id):
             raise InvalidState(f"state id {state['id']!r} does not match its content (expected {expected_id})")
         claimed = state["score"]

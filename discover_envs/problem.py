@@ -8,6 +8,7 @@ Construction tasks (the mathematics suite) subclass `ConstructionProblem`, which
 from __future__ import annotations
 
 import json
+import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ __all__ = [
     "InvalidSolution",
     "InvalidState",
     "Problem",
+    "checked_int",
     "extract_block",
     "parse_json",
 ]
@@ -114,6 +116,17 @@ def _parse_int(digits: str) -> int | float:
     return int(digits) if len(digits) <= 18 else float(digits)
 
 
+def checked_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """A constructor argument that must be an integer in [low, high] (high None: no upper bound), as an int;
+    numpy integers pass, bools, floats and strings do not: ValueError naming the argument and its value."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r:.40} ({type(value).__name__})")
+    if value < low or (high is not None and value > high):
+        span = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {span}, got {value!r}")
+    return int(value)
+
+
 class Problem(ABC):
     """One scientific task with an exact verifier. Subclasses are the environments' manuals.
 
@@ -129,9 +142,9 @@ class Problem(ABC):
     score_rtol: ClassVar[float] = 1e-12
 
     def __init__(self, *, timeout_s: float = 60.0, memory_mb: int = 4096) -> None:
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-        self.limits = SandboxLimits(timeout_s=float(timeout_s), memory_mb=int(memory_mb))
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
+            raise ValueError(f"timeout_s must be a positive finite number of seconds, got {timeout_s!r}")
+        self.limits = SandboxLimits(timeout_s=float(timeout_s), memory_mb=checked_int("memory_mb", memory_mb, 64))
 
     @abstractmethod
     def statement(self) -> str:

@@ -133,6 +133,43 @@ def test_user_errors_are_one_line_naming_the_flag_with_exit_code_2(
     assert message in one_error_line(capsys)
 
 
+LAUGHS = "env_kwargs:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"  {b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("deep.json", "[" * 100_000 + "]" * 100_000, "levels deep"),
+        ("deep.yaml", "env_kwargs: " + "[" * 100_000 + "]" * 100_000, "levels deep"),
+        ("laughs.yaml", LAUGHS, "YAML aliases (*a, line 3) are not allowed"),
+        ("big.json", '{"out": "' + "x" * 2**20 + '"}', "bytes"),
+    ],
+    ids=["100k-deep-json", "100k-deep-yaml", "billion-laughs", "1mb"],
+)
+def test_hostile_config_files_are_one_line_errors(tiny_model_dir, tmp_path, capsys, name, text, message):
+    """Red-team: --config nested 100k deep ended in a RecursionError traceback; a YAML "billion laughs" in
+    env_kwargs (9**9 values from 10 lines) expanded once the config was copied."""
+    config = tmp_path / name
+    config.write_text(text)
+    assert exit_code(run_args(tiny_model_dir, tmp_path / "x", "--config", str(config))) == 2
+    err = one_error_line(capsys)
+    assert name in err and message in err
+
+
+def test_env_kwargs_nested_too_deep_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    assert exit_code(run_args(tiny_model_dir, tmp_path / "x", "--env-kwargs", "[" * 50_000 + "]" * 50_000)) == 2
+    assert "levels deep" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--port", "99999"), ("--port", "-1"), ("--max-tokens", "0")])
+def test_serve_refuses_an_impossible_port_or_cap_in_one_line(tiny_model_dir, capsys, flag, value):
+    """Red-team: `serve --port 99999` raised OverflowError (after loading the model)."""
+    assert exit_code(["serve", "--model", str(tiny_model_dir), "--device", "cpu", flag, value]) == 2
+    assert flag in one_error_line(capsys, "serve")
+
+
 def test_an_unwritable_out_is_one_line_naming_the_folder(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert exit_code(run_args(tiny_model_dir, tmp_path / "file" / "run")) == 2

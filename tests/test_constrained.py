@@ -14,6 +14,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import discover_envs  # noqa: F401 - registers the env ids
+from discover_agent import constrained
 from discover_agent.config import CPU_PRESETS
 from discover_agent.constrained import JsonArrayConstraint, default_max_new_tokens, token_texts
 from discover_envs.problem import ConstructionSpec, format_numbers
@@ -365,6 +366,34 @@ def test_budget_masks_replay_exactly_and_equal_a_token_by_token_check(model, tok
             direct = [fresh.advance(state, i) is not None for i in range(len(tokenizer))]
             assert torch.equal(replay[t], torch.tensor(direct))
             state = fresh.advance(state, token_id)
+
+
+class _PrefixByPrefix(constrained._Numbers):
+    """The grammar's numbers with every integer prefix its own state (no merging by `_levels`): the reference."""
+
+    def _levels(self, negative: bool, prefix: int) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ConstructionSpec("sequence", 3, 3, 123.0, 4567.0),
+        ConstructionSpec("sequence", 2, 3, -9999.0, -1000.0),
+        ConstructionSpec("tuples", 2, 2, 10.0, 99.5, arity=2),
+    ],
+)
+def test_merged_integer_prefixes_give_the_masks_of_a_prefix_by_prefix_grammar(model, tokenizer, monkeypatch, spec):
+    """Bounds that exclude short numbers ([1e7, 9e7]) made the closing search visit every integer prefix;
+    prefixes are now merged by their `_levels`, which must not change a single mask or budget."""
+    least = JsonArrayConstraint(tokenizer, spec, max_new_tokens=500).min_new_tokens
+    merged = JsonArrayConstraint(tokenizer, spec, max_new_tokens=least + 3)
+    monkeypatch.setattr(constrained, "_Numbers", _PrefixByPrefix)
+    reference = JsonArrayConstraint(tokenizer, spec, max_new_tokens=least + 3)
+    assert merged.min_new_tokens == reference.min_new_tokens
+    assert len(merged._costs) < len(reference._costs)  # prefixes were merged
+    for completion in _sample_budget(model, tokenizer, merged, 8, seed=1):
+        assert torch.equal(merged.token_masks(completion), reference.token_masks(completion))
 
 
 def test_token_masks_refuse_a_completion_that_overruns_the_budget(tokenizer):

@@ -211,6 +211,53 @@ def test_reset_from_tampered_construction_is_rejected(env):
         env.reset(options={"state": {**child, "construction": construction, "id": None}})
 
 
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("code", 5, "code must be a str or None, got int"),
+        ("code", ["x"], "code must be a str or None, got list"),
+        ("code", "\ud800", "code is not valid Unicode"),
+        ("parent_id", {1}, "parent_id must be a str or None, got set"),
+        ("construction", {1, 2}, "construction is not JSON data"),
+        ("construction", b"ab", "construction is not JSON data"),
+        ("construction", nested(100_000), "construction is not JSON data"),
+    ],
+    ids=["int-code", "list-code", "surrogate-code", "set-parent", "set-construction", "bytes", "100k-deep"],
+)
+def test_reset_from_a_state_of_odd_types_is_rejected_by_name(field, value, message):
+    """Red-team: `reset` took a non-str `code` (AttributeError when the prompt was rendered) and odd types."""
+    env = gym.make("discover/ErdosMinOverlap-v0", n=16)
+    _, info = env.reset(seed=0)
+    with pytest.raises(InvalidState, match=message):
+        env.reset(options={"state": {**info["state"], field: value, "id": None}})
+
+
+@pytest.mark.parametrize(
+    ("env_id", "kwargs", "message"),
+    [
+        ("discover/ErdosMinOverlap-v0", {"n": 1.5}, "n must be an integer, got 1.5"),
+        ("discover/ErdosMinOverlap-v0", {"n": True}, "n must be an integer, got True"),
+        ("discover/ErdosMinOverlap-v0", {"start_n": 2.5}, "start_n must be an integer"),
+        ("discover/AC1-v0", {"n": 1.5}, "n must be an integer"),
+        ("discover/AC2-v0", {"start_n": "16"}, "start_n must be an integer"),
+        ("discover/CirclePacking26-v0", {"timeout_s": True}, "timeout_s must be a positive finite number"),
+        ("discover/AC1-v0", {"memory_mb": "4096"}, "memory_mb must be an integer"),
+        ("discover/AC1-v0", {"memory_mb": 4096.5}, "memory_mb must be an integer"),
+    ],
+)
+def test_constructor_arguments_of_the_wrong_type_are_refused_at_make(env_id, kwargs, message):
+    """Red-team: n=1.5 or True failed late (at reset), timeout_s=True became 1 s, memory_mb="4096" was taken."""
+    with pytest.raises(ValueError, match=message):
+        gym.make(env_id, **kwargs)
+
+
 def test_unknown_reset_option_is_an_error(env):
     with pytest.raises(ValueError, match="unknown reset option"):
         env.reset(seed=0, options={"temperature": 1.0})

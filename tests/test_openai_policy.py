@@ -12,9 +12,12 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import gymnasium as gym
 import pytest
 
+from discover_agent import openai_policy
 from discover_agent.openai_policy import EndpointError, OpenAIPolicy, construction_schema
+from discover_envs.env import MAX_TEXT
 from discover_envs.problem import ConstructionSpec, extract_block
 
 
@@ -160,6 +163,45 @@ def test_http_error_names_status_and_body(serve):
 def test_unusable_answers_are_reported(serve, body, message):
     server = serve(lambda req: (200, body))
     with pytest.raises(EndpointError, match=message):
+        OpenAIPolicy(server.url, "m").sample(["p"], n=1)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
+        ('{"choices": [{"message": {"content": "x"}, "logprobs": {"content": [{"logprob": "high"}]}}]}', "logprob"),
+        ('{"choices": [{"message": {"content": "x"}, "logprobs": {"content": [{"logprob": [1]}]}}]}', "logprob"),
+    ],
+    ids=["200k-deep", "text-logprob", "list-logprob"],
+)
+def test_hostile_answers_are_endpoint_errors_not_tracebacks(serve, body, message):
+    """Red-team: a body nested 200k deep ended `discover run` with a RecursionError traceback."""
+    server = serve(lambda req: (200, body))
+    with pytest.raises(EndpointError, match=message):
+        OpenAIPolicy(server.url, "m").sample(["p"], n=1)
+
+
+def test_logprobs_of_an_unknown_shape_are_left_out(serve):
+    server = serve(lambda req: (200, '{"choices": [{"message": {"content": "x"}, "logprobs": [1, 2]}]}'))
+    [[sample]] = OpenAIPolicy(server.url, "m").sample(["p"], n=1)
+    assert (sample.text, sample.logprobs) == ("x", [])
+
+
+def test_a_reply_longer_than_the_env_reads_is_cut_so_it_stays_invalid_and_is_reported(serve, caplog):
+    """Red-team: 100 MB replies were logged whole (800 MB of rollouts.jsonl in one step)."""
+    server = serve(lambda req: completion(["```json\n[1]\n```" + " " * MAX_TEXT], with_logprobs=False))
+    [[sample]] = OpenAIPolicy(server.url, "m").sample(["p"], n=1)
+    assert len(sample.text) == MAX_TEXT + 1 and "longer than 2000000 characters" in caplog.text
+    env = gym.make("discover/AC1-v0", n=1)
+    env.reset(seed=0)
+    assert "at most 2000000 are read" in env.step(sample.text)[4]["error"]
+
+
+def test_an_answer_over_the_byte_cap_is_an_endpoint_error(serve, monkeypatch):
+    monkeypatch.setattr(openai_policy, "MAX_RESPONSE_BYTES", 10_000)
+    server = serve(lambda req: completion(["x" * 20_000]))
+    with pytest.raises(EndpointError, match="more than 10000 bytes"):
         OpenAIPolicy(server.url, "m").sample(["p"], n=1)
 
 

@@ -3,19 +3,22 @@ sampling-only agent on --endpoint getting valid constructions only because the s
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
-from tiny_model import build_model
+from tiny_model import build_model, build_tokenizer
 
 from discover_agent.agents import BestOfN
 from discover_agent.config import AgentConfig
@@ -38,11 +41,12 @@ def server(tiny_tokenizer, one_thread):
         yield url
 
 
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url + "/chat/completions", json.dumps(body).encode(), {
-        "Content-Type": "application/json"})  # fmt: skip
+def post(url: str, body: dict | bytes, timeout: float = 60) -> tuple[int, dict]:
+    """POST a request (a dict, or raw bytes sent as they are); (status, answer)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url + "/chat/completions", data, {"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -130,6 +134,182 @@ def test_the_openai_client_package_talks_to_it(server):
         response_format=response_format(ERDOS, "json_schema"),
     )  # fmt: skip
     assert not out_of_spec(json.loads(completion.choices[0].message.content), ERDOS)
+
+
+def schema_format(items: dict, **array) -> dict:
+    """A json_schema response_format of an array of `items` with the given array keywords."""
+    return {"type": "json_schema", "json_schema": {"schema": {"type": "array", "items": items, **array}}}
+
+
+UNIT = {"type": "number", "minimum": 0, "maximum": 1}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        schema_format(UNIT, minItems=10**9, maxItems=10**9),
+        schema_format(UNIT, minItems=100_000),
+        schema_format({"type": "array", "items": UNIT, "minItems": 10**6, "maxItems": 10**6}),
+    ],
+    ids=["1e9-numbers", "1e5-numbers", "1e6-arity"],
+)
+def test_a_schema_no_reply_can_hold_is_refused_by_arithmetic_before_any_search(server, schema):
+    """Red-team: minItems = maxItems = 10**9 searched for minutes until memory ran out and the server died;
+    minItems = 100000 took 7 s. The refusal counts characters, so no grammar search ran."""
+    status, answer = post(server, chat(max_tokens=200, response_format=schema), timeout=30)
+    assert status == 400 and "cannot hold" in answer["error"]["message"]
+    assert "characters" in answer["error"]["message"]
+    assert post(server, chat(max_tokens=4))[0] == 200
+
+
+def test_bounds_that_exclude_short_numbers_are_enforced(server):
+    """[1e7, 9e7] made the grammar's closing search visit every integer prefix (10**7 states)."""
+    spec = ConstructionSpec("sequence", 2, 2, 1e7, 9e7)
+    status, answer = post(server, chat(n=2, max_tokens=60, response_format=response_format(spec, "json_schema")))
+    assert status == 200
+    assert not any(out_of_spec(json.loads(c["message"]["content"]), spec) for c in answer["choices"])
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (chat(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]), "text must be a string"),
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "not valid Unicode"),
+        (b'{"model": "\\udfff", "messages": [{"role": "user", "content": "x"}]}', "not valid Unicode"),
+        (chat(response_format=schema_format({"type": "number", "minimum": 10**400})), "must lie within"),
+        (chat(response_format=schema_format({"type": "number", "minimum": 1.7e308, "maximum": 1.79e308})), "within"),
+        (chat(response_format={"type": "json_schema", "json_schema": [{"schema": {}}]}), "must be an object"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "not valid JSON"),
+    ],
+    ids=["number-text", "surrogate-content", "surrogate-model", "1e400", "1.8e308", "list-json_schema", "deep", "nan"],
+)
+def test_malformed_requests_get_a_400_that_says_why_not_a_500(server, body, message):
+    status, answer = post(server, body)
+    assert status == 400 and message in answer["error"]["message"]
+
+
+def address(url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname, parts.port
+
+
+def test_a_body_over_the_cap_is_refused_before_it_is_read(server):
+    """Red-team: a 100 MB body was read and parsed. Here only its Content-Length is sent: a server waiting for
+    the body times this client out."""
+    connection = http.client.HTTPConnection(*address(server), timeout=30)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(100 * 2**20))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and "at most" in json.loads(response.read())["error"]["message"]
+    connection.close()
+
+
+def test_prompts_and_bodies_over_the_servers_caps_are_refused(tiny_tokenizer, one_thread):
+    policy = ServedPolicy(build_model(tiny_tokenizer), tiny_tokenizer, PolicyConfig(device="cpu", seed=0))
+    with running(create_app(policy, "tiny", max_tokens=8, max_prompt_tokens=64, max_body_bytes=4000)) as url:
+        status, answer = post(url, chat(messages=[{"role": "user", "content": "0 1 2 3 " * 40}]))
+        assert status == 400 and "this server takes at most 64" in answer["error"]["message"]
+        assert post(url, chat(messages=[{"role": "user", "content": "x" * 5000}]))[0] == 413
+        connection = http.client.HTTPConnection(*address(url), timeout=30)  # chunked: no Content-Length
+        chunks = iter([b'{"messages": [{"role": "user", "content": "', b"x" * 3000, b"y" * 3000, b'"}]}'])
+        connection.request("POST", "/v1/chat/completions", chunks, {"Content-Type": "application/json"},
+                           encode_chunked=True)  # fmt: skip
+        assert connection.getresponse().status == 413
+        connection.close()
+        assert post(url, chat(max_tokens=4))[0] == 200
+
+
+def test_messages_the_chat_template_refuses_get_a_400(one_thread):
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    policy = ServedPolicy(build_model(tokenizer), tokenizer, PolicyConfig(device="cpu", seed=0))
+    with running(create_app(policy, "tiny", max_tokens=8)) as url:
+        status, answer = post(url, chat())
+    assert status == 400 and "roles must alternate" in answer["error"]["message"]
+
+
+class HeldPolicy(ServedPolicy):
+    """Holds every generation until `release` is set, like one very long request."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.release, self.holding = threading.Event(), threading.Event()
+
+    def sample(self, *args, **kwargs):
+        self.holding.set()
+        assert self.release.wait(120)
+        return super().sample(*args, **kwargs)
+
+
+def test_a_long_request_starves_neither_models_nor_the_bounded_queue(tiny_tokenizer, one_thread):
+    """Red-team: one long request must not starve /v1/models. With a worker thread per waiting request, 40
+    waiting requests took every worker and /v1/models waited too; here at most MAX_WAITING requests wait (the
+    rest get 503 at once) and /v1/models is answered on the event loop."""
+    from discover_agent.serve import MAX_WAITING
+
+    policy = HeldPolicy(build_model(tiny_tokenizer), tiny_tokenizer, PolicyConfig(device="cpu", seed=0))
+    extra, statuses = 30, []
+    with running(create_app(policy, "tiny", max_tokens=8)) as url:
+        clients = [
+            threading.Thread(target=lambda: statuses.append(post(url, chat(max_tokens=2), timeout=120)[0]))
+            for _ in range(MAX_WAITING + extra)
+        ]  # fmt: skip
+        for client in clients:
+            client.start()
+        assert policy.holding.wait(60)
+        for _ in range(600):
+            if statuses.count(503) >= extra:
+                break
+            time.sleep(0.1)
+        with urllib.request.urlopen(url + "/models", timeout=10) as response:
+            assert json.loads(response.read())["data"][0]["id"] == "tiny"
+        policy.release.set()
+        for client in clients:
+            client.join(120)
+    assert sorted(statuses) == [200] * MAX_WAITING + [503] * extra
+
+
+class WatchedPolicy(ServedPolicy):
+    """Counts the token steps of each generation; the first step waits until the server marks its client gone
+    (`gone`), so a disconnect lands mid-reply whatever the machine's speed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps: list[int] = []
+        self.first_step = threading.Event()
+        stop_if_gone = self.progress
+
+        def progress(live: int) -> None:
+            self.steps[-1] += 1
+            if self.steps == [1]:
+                self.first_step.set()
+                for _ in range(3000):
+                    if getattr(self, "gone", None) is not None and self.gone.is_set():
+                        break
+                    time.sleep(0.01)
+            if stop_if_gone is not None:
+                stop_if_gone(live)
+
+        self.progress = progress
+
+    def sample(self, *args, **kwargs):
+        self.steps.append(0)
+        return super().sample(*args, **kwargs)
+
+
+def test_generation_stops_when_the_client_disconnects(tiny_tokenizer, one_thread):
+    policy = WatchedPolicy(build_model(tiny_tokenizer), tiny_tokenizer, PolicyConfig(device="cpu", seed=0))
+    with running(create_app(policy, "tiny", max_tokens=200)) as url:
+        connection = http.client.HTTPConnection(*address(url), timeout=60)
+        body = chat(max_tokens=200, response_format=response_format(ERDOS, "json_schema"))  # >= 17 tokens
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        assert policy.first_step.wait(60)
+        connection.close()
+        status, _ = post(url, chat(max_tokens=2))  # the model is free again only once that generation ended
+    assert status == 200 and policy.steps[0] == 1
 
 
 def endpoint_run(url: str, out: Path, constrained: bool) -> list[dict]:

@@ -16,7 +16,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.fft import irfft, next_fast_len, rfft
 
-from discover_envs.problem import ConstructionProblem, ConstructionSpec, InvalidSolution
+from discover_envs.problem import ConstructionProblem, ConstructionSpec, InvalidSolution, checked_int
 
 __all__ = ["FirstAutocorrelation", "SecondAutocorrelation", "convolve_exact_max", "fft_error_bound"]
 
@@ -100,9 +100,8 @@ class _Autocorrelation(ConstructionProblem):
 
     def __init__(self, *, n: int | None = None, start_n: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name, value in (("n", n), ("start_n", start_n)):
-            if value is not None and not 1 <= value <= MAX_N:
-                raise ValueError(f"{name} must be in 1..{MAX_N}, got {value}")
+        n = None if n is None else checked_int("n", n, 1, MAX_N)
+        start_n = None if start_n is None else checked_int("start_n", start_n, 1, MAX_N)
         if n is not None and start_n is not None and start_n != n:
             raise ValueError(f"start_n={start_n} contradicts the fixed length n={n}")
         self.n = n

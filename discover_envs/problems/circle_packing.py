@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from discover_envs.problem import ConstructionProblem, ConstructionSpec, InvalidSolution
+from discover_envs.problem import ConstructionProblem, ConstructionSpec, InvalidSolution, checked_int
 
 __all__ = ["CirclePacking"]
 
@@ -68,9 +68,7 @@ class CirclePacking(ConstructionProblem):
 
     def __init__(self, *, n: int, **kwargs) -> None:
         super().__init__(**kwargs)
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_CIRCLES:
-            raise ValueError(f"n (the number of circles) must be an integer in 1..{MAX_CIRCLES}, got {n!r}")
-        self.n = int(n)
+        self.n = checked_int("n (the number of circles)", n, 1, MAX_CIRCLES)
         self.spec = ConstructionSpec(kind="tuples", min_length=self.n, max_length=self.n, low=0.0, high=1.0, arity=3)
 
     def published(self) -> list[tuple[str, float]]:

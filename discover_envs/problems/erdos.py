@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from discover_envs.problem import ConstructionProblem, ConstructionSpec, InvalidSolution
+from discover_envs.problem import ConstructionProblem, ConstructionSpec, InvalidSolution, checked_int
 from discover_envs.problems.autocorrelation import convolve_exact_max
 
 #: A construction longer than this is refused before any arithmetic (memory and time guard).
@@ -58,9 +58,8 @@ class ErdosMinOverlap(ConstructionProblem):
 
     def __init__(self, *, n: int | None = None, start_n: int = 50, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name, value in (("n", n), ("start_n", start_n)):
-            if value is not None and not 1 <= value <= MAX_N:
-                raise ValueError(f"{name} must be in 1..{MAX_N}, got {value}")
+        n = None if n is None else checked_int("n", n, 1, MAX_N)
+        start_n = checked_int("start_n", start_n, 1, MAX_N)
         self.n = n
         self.start_n = n or start_n
         self.spec = ConstructionSpec(kind="sequence", min_length=n or 1, max_length=n or MAX_N, low=0.0, high=1.0)
