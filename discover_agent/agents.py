@@ -1,9 +1,10 @@
-"""Agents behind one interface: TTT-Discover and the baselines share the loop, the budget, the logs.
+"""The agent interface and the shared loop: TTT-Discover, the baselines and the calibration agents share the loop,
+the budget and the logs.
 
-One step: the policy is reseeded from (seed, step); the sampler picks `groups` start states (picks of one
-state form one larger group); the policy samples `group_size` replies per pick; the executor scores them (the
-next group is generated while the last one is evaluated); valid children go to the buffer; the agent learns
-from the groups (only TTT does); the step is committed to the run folder (`rundir`), then best and metrics.
+One step (`SearchAgent._step`): the policy is reseeded from (seed, step); the sampler picks `groups` start states
+(picks of one state form one larger group); `propose` gives `group_size` replies per pick; the executor scores
+them; valid children go to the buffer; the agent learns from the groups (only TTT does). `_commit` then writes the
+step to the run folder (`rundir`): rows, buffer, checkpoint, best, metrics and plot.
 A user's agent subclasses `Agent` (or `SearchAgent` to reuse the loop) and plugs into `discover bench`.
 """
 
@@ -16,30 +17,25 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
 import discover_envs  # noqa: F401 - registers the env ids
-from discover_agent.config import (
-    AgentConfig,
-    ConfigError,
-    GreedyConfig,
-    PUCTConfig,
-    TTTConfig,
-    load_run_config,
-    save_run_config,
-)
-from discover_agent.executor import Outcome, make_executor
-from discover_agent.objective import entropic_advantages, mean_baseline_advantages
+from discover_agent.config import AgentConfig, ConfigError, load_run_config, save_run_config
+from discover_agent.executor import Executor, make_executor
 from discover_agent.plots import plot_progress
-from discover_agent.rundir import RunDir, RunDirError, code_version
-from discover_agent.sampler import FixedSampler, GreedySampler, PUCTSampler, Sampler
+from discover_agent.rundir import Checkpoint, Lineage, RunDir, RunDirError, code_version
+from discover_agent.sampler import Sampler
 from discover_agent.storage import write_json
+from discover_agent.types import Group, RunResult, State
+
+#: The config class of an agent (`Agent.config` is typed by it).
+C = TypeVar("C", bound=AgentConfig)
 
 
 class StepProgress:
@@ -64,40 +60,6 @@ class StepProgress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-@dataclass
-class RunResult:
-    """What every agent returns: the single best state, and what it cost."""
-
-    env: str
-    agent: str
-    model: str
-    best: dict[str, Any]
-    best_score: float | None
-    best_reward: float
-    rollouts: int
-    steps: int
-    wall_s: float
-    tokens: int
-    out: str
-    curve: list[tuple[int, float]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Group:
-    """The replies sampled from one start state, with their outcomes."""
-
-    parent: dict[str, Any]
-    samples: list[Any]
-    outcomes: list[Outcome]
-
-    @property
-    def rewards(self) -> list[float]:
-        return [reward for reward, _ in self.outcomes]
 
 
 def derived_seed(seed: int, *keys: int) -> int:
@@ -126,20 +88,20 @@ def construction_spec(env: gym.Env) -> Any:
     return env.metadata.get("construction_spec")
 
 
-class Agent(ABC):
-    """The one interface: build from a config (and optionally a ready policy), `run()` returns a RunResult."""
+class Agent(ABC, Generic[C]):
+    """The one interface: build from a config (and optionally a ready policy); `run` returns a RunResult."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[AgentConfig]] = AgentConfig
     #: Whether the agent samples from a language model (a `Policy` may be passed in); calibration agents do not.
     uses_model: ClassVar[bool] = True
 
-    def __init__(self, config: AgentConfig, policy: Any = None) -> None:
+    def __init__(self, config: C, policy: Any = None) -> None:
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        self.config = config
+        self.config: C = config
         self._policy = policy
-        self._inner = StepProgress(False)  # the in-step bar; `SearchAgent._run` shows a live one
+        self._inner = StepProgress(False)  # the in-step bar; `SearchAgent._loop` shows a live one
 
     @abstractmethod
     def run(self, progress: bool = True, resume: bool = False) -> RunResult:
@@ -147,7 +109,32 @@ class Agent(ABC):
         cannot continue one), as `discover bench` asks after an interruption."""
 
 
-class SearchAgent(Agent):
+@dataclass
+class StepRecord:
+    """One step of the loop: its groups, what learning reported, the tokens generated and the seconds taken."""
+
+    index: int
+    groups: list[Group]
+    learned: dict[str, float]
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class _Run:
+    """What one run of the loop holds: its env and folder, the sampler's buffer, the executor, the checkpoint
+    (counters, lineage, metrics), the rows logged so far (for the plot) and the clock's zero."""
+
+    env: gym.Env
+    folder: RunDir
+    sampler: Sampler
+    executor: Executor
+    checkpoint: Checkpoint
+    history: list[dict[str, Any]]
+    started: float
+
+
+class SearchAgent(Agent[C]):
     """The shared loop; subclasses choose the sampler and whether (and how) to learn.
 
     It uses the env only through Gymnasium (see the README's agent contract): the prompt is the observation
@@ -155,11 +142,12 @@ class SearchAgent(Agent):
     `env.metadata` may give a construction spec for constrained decoding.
     """
 
-    #: The env's construction spec when replies are constrained (set by `run`).
+    #: The env's construction spec when replies are constrained, and its metadata (set by `run`).
     _spec: Any = None
+    _task: dict[str, Any] = {}  # noqa: RUF012 - replaced per run, never mutated
 
     @abstractmethod
-    def make_sampler(self, initial: list[dict[str, Any]]) -> Sampler: ...
+    def make_sampler(self, initial: list[State]) -> Sampler: ...
 
     def learn(self, groups: list[Group]) -> dict[str, float]:
         """Update the policy from a step's groups; search-only agents learn nothing."""
@@ -181,142 +169,161 @@ class SearchAgent(Agent):
         """Run into `config.out`, which must not hold a run; `resume=True` continues the run it holds, whose
         config.json must match this config except for `RESUME_OVERRIDES`."""
         cfg = self.config
-        run_dir = RunDir(cfg.out)
-        if resume and cfg.env_kwargs is None and run_dir.file("config.json").is_file():
+        folder = RunDir(cfg.out)
+        if resume and cfg.env_kwargs is None and folder.file("config.json").is_file():
             # "the default" of a resumed run is what it resolved to when it started (pinned secrets included)
-            saved = load_run_config(run_dir.file("config.json"))[1]
+            saved = load_run_config(folder.file("config.json"))[1]
             cfg = self.config = dataclasses.replace(cfg, env_kwargs=saved.env_kwargs)
         env = open_env(cfg.env, cfg.resolved_env_kwargs())
         if not resume:  # config.json holds the arguments the env ran with, including secrets it drew itself
             pinned = env.metadata.get("pinned_kwargs") or {}
             cfg = self.config = dataclasses.replace(cfg, env_kwargs={**cfg.given_env_kwargs(), **pinned})
+        self._task = dict(env.metadata)
         self._spec = construction_spec(env) if cfg.constrained else None
         _ = self.policy  # built here, so a bad --model fails before the run folder is touched
         try:
-            with run_dir.locked():
+            with folder.locked():
                 if resume:
-                    self._check_resumable(run_dir)
-                elif run_dir.holds_run:
+                    self._check_resumable(folder)
+                elif folder.holds_run:
                     raise RunDirError(
-                        f"{run_dir.path} holds a run; continue it with `discover resume {run_dir.path}` "
+                        f"{folder.path} holds a run; continue it with `discover resume {folder.path}` "
                         "or choose another --out"
                     )
-                return self._run(env, run_dir, progress, resume)
+                return self._loop(self._start(env, folder, resume), progress)
         finally:
             env.close()
 
-    def _check_resumable(self, run_dir: RunDir) -> None:
-        path = run_dir.file("config.json")
+    def _check_resumable(self, folder: RunDir) -> None:
+        path = folder.file("config.json")
         if not path.is_file():
-            raise RunDirError(f"{path} not found: {run_dir.path} holds no run to resume")
+            raise RunDirError(f"{path} not found: {folder.path} holds no run to resume")
         agent, saved = load_run_config(path)
         if agent != self.name or type(saved) is not type(self.config):
-            raise RunDirError(f"{run_dir.path} holds a {agent} run; refusing to resume it as {self.name}")
+            raise RunDirError(f"{folder.path} holds a {agent} run; refusing to resume it as {self.name}")
         changed = sorted(
             key for key, value in saved.to_dict().items()
             if key not in RESUME_OVERRIDES and self.config.to_dict()[key] != value
         )  # fmt: skip
         if changed:
-            raise RunDirError(f"resuming {run_dir.path} may change only budgets, not {changed} (see its config.json)")
+            raise RunDirError(f"resuming {folder.path} may change only budgets, not {changed} (see its config.json)")
 
-    def _start(self, env: gym.Env, run_dir: RunDir, resume: bool) -> tuple[Sampler, dict[str, Any], list[Any]]:
-        """A fresh sampler and checkpoint, or the saved ones (re-verified through `reset`) on resume."""
+    def _start(self, env: gym.Env, folder: RunDir, resume: bool) -> _Run:
+        """A fresh sampler and checkpoint, or the saved ones (re-verified through `reset`) on resume; then
+        config.json and the executor."""
         cfg = self.config
-        saved = run_dir.load_checkpoint() if resume else None
+        saved = folder.load_checkpoint() if resume else None
         if saved is None:
-            initial: dict[str, dict[str, Any]] = {}
+            initial: dict[str, State] = {}
             for i in range(cfg.initial_states):
                 _, info = env.reset(seed=cfg.seed if i == 0 else derived_seed(cfg.seed, INITIAL_KEY, i))
                 initial.setdefault(info["state"]["id"], info["state"])
-            checkpoint = {
-                "agent": self.name, "env": cfg.env, "step": 0, "rollouts": 0, "tokens": 0, "wall_s": 0.0,
-                "initial": list(initial.values()), "lineage": {}, "metrics": [], "curve": [],
-            }  # fmt: skip
-            return self.make_sampler(checkpoint["initial"]), checkpoint, run_dir.kept_rows(0)
-        checkpoint, buffer, step_dir = saved
-        if checkpoint["agent"] != self.name or checkpoint["env"] != cfg.env:
-            raise RunDirError(
-                f"{run_dir.file('checkpoint.json')} is a {checkpoint['agent']} run on {checkpoint['env']}; "
-                f"refusing to resume it as {self.name} on {cfg.env}"
-            )
-        sampler = self.make_sampler(checkpoint["initial"])
-        sampler.load_state_dict(buffer)
-        states = [*checkpoint["initial"], *sampler.states(), sampler.best()]
-        _verify_states(env, states, step_dir / "buffer.json")
-        self.restore_extra(step_dir)
-        return sampler, checkpoint, run_dir.kept_rows(checkpoint["step"])
-
-    def _run(self, env: gym.Env, run_dir: RunDir, progress: bool, resume: bool) -> RunResult:
-        cfg = self.config
-        sampler, checkpoint, history = self._start(env, run_dir, resume)
+            checkpoint = Checkpoint(agent=self.name, env=cfg.env, initial=list(initial.values()))
+            sampler = self.make_sampler(checkpoint.initial)
+        else:
+            checkpoint, buffer, step_dir = saved
+            if checkpoint.agent != self.name or checkpoint.env != cfg.env:
+                raise RunDirError(
+                    f"{folder.file('checkpoint.json')} is a {checkpoint.agent} run on {checkpoint.env}; "
+                    f"refusing to resume it as {self.name} on {cfg.env}"
+                )
+            sampler = self.make_sampler(checkpoint.initial)
+            sampler.load_state_dict(buffer)
+            _verify_states(env, [*checkpoint.initial, *sampler.states(), sampler.best()], step_dir / "buffer.json")
+            self.restore_extra(step_dir)
+        history = folder.kept_rows(checkpoint.step)
         save_run_config(
-            run_dir.file("config.json"), self.name, cfg, version=code_version(), sandbox=env.metadata.get("sandbox")
+            folder.file("config.json"), self.name, cfg, version=code_version(), sandbox=env.metadata.get("sandbox")
         )
         executor = make_executor(cfg.executor, cfg.env, cfg.resolved_env_kwargs(), cfg.workers, cfg.ray_address)
-        initial_ids = {s["id"] for s in checkpoint["initial"]}
-        started = time.perf_counter() - checkpoint["wall_s"]
-        bar = tqdm(total=cfg.steps, initial=checkpoint["step"], desc=f"{self.name} {cfg.env}", disable=not progress)
+        return _Run(env, folder, sampler, executor, checkpoint, history, time.perf_counter() - checkpoint.wall_s)
+
+    def _loop(self, run: _Run, progress: bool) -> RunResult:
+        cfg, checkpoint = self.config, run.checkpoint
+        bar = tqdm(total=cfg.steps, initial=checkpoint.step, desc=f"{self.name} {cfg.env}", disable=not progress)
         self._inner = StepProgress(progress and sys.stderr.isatty())
         self._hook(self.policy, self._inner.tick)
         try:
-            while checkpoint["step"] < cfg.steps and not self._out_of_budget(checkpoint, started):
-                step = checkpoint["step"]
-                tick = time.perf_counter()
-                reseed = getattr(self.policy, "reseed", None)
-                if reseed is not None:
-                    reseed(derived_seed(cfg.seed, STEP_KEY, step))
-                groups = self._rollouts(env, sampler, executor)
-                gen_tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
-                for group in groups:
-                    children = [info["next_state"] for _, info in group.outcomes if info["valid"]]
-                    sampler.update(group.parent, children, len(group.samples))
-                    for child in children:
-                        # A state found again (e.g. a start state copied back) keeps its first parent.
-                        if child["id"] not in initial_ids:
-                            checkpoint["lineage"].setdefault(child["id"], [child["parent_id"], child["score"], step])
-                metrics = self.learn(groups)
-                checkpoint["rollouts"] += sum(len(g.samples) for g in groups)
-                checkpoint["tokens"] += gen_tokens
-                checkpoint["step"] = step + 1
-                checkpoint["wall_s"] = time.perf_counter() - started
-                best = sampler.best()
-                checkpoint["curve"].append([checkpoint["rollouts"], best["score"]])
-                row = self._metrics_row(step, groups, best, metrics, gen_tokens, time.perf_counter() - tick)
-                checkpoint["metrics"].append(row)
-                self._save(env, run_dir, step, groups, sampler, checkpoint, history)
+            while checkpoint.step < cfg.steps and not self._out_of_budget(run):
+                row = self._commit(run, self._step(run))
                 bar.update(1)
                 bar.set_postfix(
-                    best=f"{best['score']:.6g}", mean_r=f"{row['mean_reward']:.4g}", valid=row["valid_frac"],
+                    best=f"{row['best_score']:.6g}", mean_r=f"{row['mean_reward']:.4g}", valid=row["valid_frac"],
                     beta=row.get("beta", "-"), kl=row.get("kl", "-"), tok_s=f"{row['tokens_per_s']:.1f}",
                 )  # fmt: skip
         finally:
             self._hook(self.policy, None)
             self._inner.close()
             bar.close()
-            executor.close()
-        best = sampler.best()
+            run.executor.close()
+        best = run.sampler.best()
         return RunResult(
             env=cfg.env, agent=self.name, model=self._model_name(), best=best, best_score=best["score"],
-            best_reward=best["reward"], rollouts=checkpoint["rollouts"], steps=checkpoint["step"],
-            wall_s=checkpoint["wall_s"], tokens=checkpoint["tokens"], out=str(run_dir.path),
-            curve=[tuple(point) for point in checkpoint["curve"]],
+            best_reward=best["reward"], rollouts=checkpoint.rollouts, steps=checkpoint.step,
+            wall_s=checkpoint.wall_s, tokens=checkpoint.tokens, out=str(run.folder.path), curve=list(checkpoint.curve),
         )  # fmt: skip
 
-    def _out_of_budget(self, checkpoint: dict[str, Any], started: float) -> bool:
+    def _step(self, run: _Run) -> StepRecord:
+        """Sample and score the step's groups, put valid children in the buffer, learn."""
+        index, started = run.checkpoint.step, time.perf_counter()
+        reseed = getattr(self.policy, "reseed", None)
+        if reseed is not None:
+            reseed(derived_seed(self.config.seed, STEP_KEY, index))
+        groups = self._rollouts(run)
+        initial_ids = {s["id"] for s in run.checkpoint.initial}
+        for group in groups:
+            children = [info["next_state"] for _, info in group.outcomes if info["valid"]]
+            run.sampler.update(group.parent, children, len(group.samples))
+            for child in children:
+                # A state found again (e.g. a start state copied back) keeps its first parent.
+                if child["id"] not in initial_ids:
+                    run.checkpoint.lineage.setdefault(child["id"], Lineage(child["parent_id"], child["score"], index))
+        learned = self.learn(groups)
+        tokens = sum(len(s.completion_ids) for g in groups for s in g.samples)
+        return StepRecord(index, groups, learned, tokens, time.perf_counter() - started)
+
+    def _commit(self, run: _Run, record: StepRecord) -> dict[str, Any]:
+        """Count the step, log its rows, commit the step folder and checkpoint (see `rundir`), then best,
+        metrics and plot; returns the step's metrics row."""
+        checkpoint, best = run.checkpoint, run.sampler.best()
+        checkpoint.rollouts += sum(len(g.samples) for g in record.groups)
+        checkpoint.tokens += record.tokens
+        checkpoint.step = record.index + 1
+        checkpoint.wall_s = time.perf_counter() - run.started
+        checkpoint.curve.append((checkpoint.rollouts, best["score"]))
+        row = self._metrics_row(record, best)
+        checkpoint.metrics.append(row)
+        rows = _rows(record)
+        run.folder.log_rollouts(rows)
+        run.history.extend(rows)
+
+        def write_step(folder: Path) -> None:
+            write_json(folder / "buffer.json", run.sampler.state_dict())
+            self.checkpoint_extra(folder)
+
+        run.folder.commit_step(checkpoint, write_step)
+        meta = {"env": self.config.env, "agent": self.name, "step": checkpoint.step, "score": best["score"]}
+        run.folder.write_best(best, _lineage(best, checkpoint.lineage), meta)
+        run.folder.write_metrics(checkpoint.metrics)
+        title, score_name = f"{self.name} on {self.config.env}", run.env.metadata.get("score_name", "score")
+        plot_progress(run.history, run.folder.file("progress.png"), title, score_name)
+        return row
+
+    def _out_of_budget(self, run: _Run) -> bool:
         cfg = self.config
         per_step = cfg.groups * cfg.group_size
-        if cfg.max_rollouts is not None and checkpoint["rollouts"] + per_step > cfg.max_rollouts:
+        if cfg.max_rollouts is not None and run.checkpoint.rollouts + per_step > cfg.max_rollouts:
             return True
-        return cfg.max_wall_s is not None and time.perf_counter() - started >= cfg.max_wall_s
+        return cfg.max_wall_s is not None and time.perf_counter() - run.started >= cfg.max_wall_s
 
-    def _rollouts(self, env: gym.Env, sampler: Sampler, executor: Any) -> list[Group]:
+    def _rollouts(self, run: _Run) -> list[Group]:
         """Propose every group of the step at once (`propose`), then evaluate; evaluations do not overlap
         generation, so the sandboxed processes and torch's threads never compete for the cores.
         Picks of one start state form one larger group (`Sampler.select_groups`)."""
-        picks = list(sampler.select_groups(self.config.groups, self.config.group_size))
-        replies = self.propose(env, picks)
+        picks = list(run.sampler.select_groups(self.config.groups, self.config.group_size))
+        replies = self.propose(run.env, picks)
         pending = [
-            (parent, samples, [executor.submit(parent, s.text) for s in samples])
+            (parent, samples, [run.executor.submit(parent, s.text) for s in samples])
             for (parent, _), samples in zip(picks, replies, strict=True)
         ]
         self._inner.phase("evaluating", sum(len(futures) for _, _, futures in pending), "reply")
@@ -325,7 +332,7 @@ class SearchAgent(Agent):
             for parent, samples, futures in pending
         ]
 
-    def propose(self, env: gym.Env, picks: list[tuple[dict[str, Any], int]]) -> list[list[Any]]:
+    def propose(self, env: gym.Env, picks: list[tuple[State, int]]) -> list[list[Any]]:
         """The replies of each (start state, replies) pick: the policy samples every group of the step in one
         batched call (`Policy.sample_groups`; decoding costs about the same per token at batch 8 as at 4) from
         the prompts `reset` gives for the start states."""
@@ -339,79 +346,53 @@ class SearchAgent(Agent):
         if hasattr(component, "progress"):
             component.progress = tick
 
-    def _metrics_row(
-        self,
-        step: int,
-        groups: list[Group],
-        best: dict[str, Any],
-        learned: dict[str, float],
-        tokens: int,
-        secs: float,
-    ) -> dict[str, Any]:
-        rewards = np.array([r for g in groups for r in g.rewards], dtype=np.float64)
-        valid = [info["valid"] for g in groups for _, info in g.outcomes]
-        valid_rewards = [r for g in groups for r, info in g.outcomes if info["valid"]]
-        scores = [info["score"] for g in groups for _, info in g.outcomes if info["valid"]]
-        improved = [info["valid"] and r > g.parent["reward"] for g in groups for r, info in g.outcomes]
-        copies = [info["valid"] and _is_copy(g.parent, info) for g in groups for _, info in g.outcomes]
+    @staticmethod
+    def _metrics_row(record: StepRecord, best: State) -> dict[str, Any]:
+        """The step's row of metrics.csv: what it found, why (valid, improving and copied replies), its cost."""
+        outcomes = [(g.parent, reward, info) for g in record.groups for reward, info in g.outcomes]
+        rewards = np.array([reward for _, reward, _ in outcomes], dtype=np.float64)
+        valid_rewards = [reward for _, reward, info in outcomes if info["valid"]]
+        scores = [info["score"] for _, _, info in outcomes if info["valid"]]
         row: dict[str, Any] = {
-            "step": step,
+            "step": record.index,
             "rollouts": len(rewards),
-            "valid_frac": round(float(np.mean(valid)), 4) if valid else 0.0,
+            "valid_frac": _share([info["valid"] for _, _, info in outcomes]),
             "mean_reward": float(rewards.mean()) if rewards.size else math.nan,
             "mean_valid_reward": float(np.mean(valid_rewards)) if valid_rewards else None,
             "max_reward": float(rewards.max()) if rewards.size else math.nan,
-            "improve_rate": round(float(np.mean(improved)), 4) if improved else 0.0,
-            "copy_rate": round(float(np.mean(copies)), 4) if copies else 0.0,
+            "improve_rate": _share([info["valid"] and reward > p["reward"] for p, reward, info in outcomes]),
+            "copy_rate": _share([info["valid"] and _is_copy(p, info) for p, _, info in outcomes]),
             "step_best_score": scores[int(np.argmax(valid_rewards))] if scores else None,
             "best_score": best["score"],
             "best_reward": best["reward"],
-            "tokens": tokens,
-            "tokens_per_s": tokens / secs if secs > 0 else 0.0,
-            "step_s": secs,
+            "tokens": record.tokens,
+            "tokens_per_s": record.tokens / record.seconds if record.seconds > 0 else 0.0,
+            "step_s": record.seconds,
         }
-        row.update({k: round(v, 6) if isinstance(v, float) else v for k, v in learned.items()})
+        row.update({k: round(v, 6) if isinstance(v, float) else v for k, v in record.learned.items()})
         return row
-
-    def _save(
-        self,
-        env: gym.Env,
-        run_dir: RunDir,
-        step: int,
-        groups: list[Group],
-        sampler: Sampler,
-        checkpoint: dict[str, Any],
-        history: list[dict[str, Any]],
-    ) -> None:
-        """Log the step's rollouts, commit the step (see `rundir`), then best, metrics and plot; `history`
-        (the rows logged so far) is extended in place so the plot never re-reads the growing log."""
-        rows = []
-        for group in groups:
-            for sample, (reward, info) in zip(group.samples, group.outcomes, strict=True):
-                rows.append({
-                    "step": step, "parent_id": group.parent["id"], "reward": reward, "score": info["score"],
-                    "valid": info["valid"], "error": info["error"], "tokens": len(sample.completion_ids),
-                    "id": info["next_state"]["id"] if info["valid"] else None, "sandbox": info.get("sandbox"),
-                    "reply": sample.text,
-                })  # fmt: skip
-        run_dir.log_rollouts(rows)
-        history.extend(rows)
-
-        def write_step(folder: Path) -> None:
-            write_json(folder / "buffer.json", sampler.state_dict())
-            self.checkpoint_extra(folder)
-
-        run_dir.commit_step(checkpoint, write_step)
-        best = sampler.best()
-        meta = {"env": self.config.env, "agent": self.name, "step": checkpoint["step"], "score": best["score"]}
-        run_dir.write_best(best, _lineage(best, checkpoint["lineage"]), meta)
-        run_dir.write_metrics(checkpoint["metrics"])
-        score_name = env.metadata.get("score_name", "score")
-        plot_progress(history, run_dir.file("progress.png"), f"{self.name} on {self.config.env}", score_name)
 
     def _model_name(self) -> str:
         cfg = self.config
         return cfg.endpoint or cfg.model or "SmolLM2-135M-Instruct (embedded)"
+
+
+def _share(flags: list[bool]) -> float:
+    return round(float(np.mean(flags)), 4) if flags else 0.0
+
+
+def _rows(record: StepRecord) -> list[dict[str, Any]]:
+    """The step's lines of rollouts.jsonl, one per reply."""
+    rows = []
+    for group in record.groups:
+        for sample, (reward, info) in zip(group.samples, group.outcomes, strict=True):
+            rows.append({
+                "step": record.index, "parent_id": group.parent["id"], "reward": reward, "score": info["score"],
+                "valid": info["valid"], "error": info["error"], "tokens": len(sample.completion_ids),
+                "id": info["next_state"]["id"] if info["valid"] else None, "sandbox": info.get("sandbox"),
+                "reply": sample.text,
+            })  # fmt: skip
+    return rows
 
 
 def _verify_states(env: gym.Env, states: list[dict[str, Any]], source: Path) -> None:
@@ -436,105 +417,17 @@ def _is_copy(parent: dict[str, Any], info: dict[str, Any]) -> bool:
     return bool(copy) if copy is not None else info["next_state"]["id"] == parent["id"]
 
 
-def _lineage(state: dict[str, Any], lineage: dict[str, list[Any]]) -> list[dict[str, Any]]:
+def _lineage(state: State, lineage: dict[str, Lineage]) -> list[dict[str, Any]]:
     """The chain of ancestors of `state` back to the start state, oldest first (a cycle ends the walk)."""
     chain: list[dict[str, Any]] = []
     seen: set[str] = set()
-    current = state["id"]
-    while current not in seen:
+    current: str | None = state["id"]
+    while current is not None and current not in seen:
         seen.add(current)
-        parent, score, step = lineage.get(current, [None, None, None])
-        chain.append({"id": current, "score": score, "step": step})
-        if parent is None:
-            break
-        current = parent
+        link = lineage.get(current)
+        chain.append({"id": current, "score": link.score if link else None, "step": link.step if link else None})
+        current = link.parent_id if link else None
     return chain[::-1]
-
-
-class BestOfN(SearchAgent):
-    """Sample from the initial states every time, keep the best: the sampling-only baseline."""
-
-    name = "best-of-n"
-
-    def make_sampler(self, initial: list[dict[str, Any]]) -> Sampler:
-        return FixedSampler(initial)
-
-
-class PUCTSearch(SearchAgent):
-    """PUCT reuse of the buffer without training (the paper's ablation)."""
-
-    name = "puct"
-    config_class = PUCTConfig
-
-    def make_sampler(self, initial: list[dict[str, Any]]) -> Sampler:
-        cfg = self.config
-        return PUCTSampler(
-            initial, c=cfg.puct_c, max_size=cfg.buffer_size, children_per_parent=cfg.children_per_parent,
-            seed=cfg.seed, visits=cfg.visits,
-        )  # fmt: skip
-
-
-class Greedy(SearchAgent):
-    """Epsilon-greedy restarts from the best states, no training."""
-
-    name = "greedy"
-    config_class = GreedyConfig
-
-    def make_sampler(self, initial: list[dict[str, Any]]) -> Sampler:
-        cfg = self.config
-        return GreedySampler(initial, epsilon=cfg.epsilon, top_k=cfg.top_k, seed=cfg.seed)
-
-
-class TTTDiscover(PUCTSearch):
-    """TTT-Discover: PUCT reuse + entropic leave-one-out advantages + a LoRA update every step."""
-
-    name = "ttt"
-    config_class = TTTConfig
-
-    def __init__(self, config: TTTConfig, policy: Any = None) -> None:
-        super().__init__(config, policy)
-        self._trainer = None
-
-    @property
-    def policy(self) -> Any:
-        if self._policy is None:
-            self._policy = build_policy(self.config, trainable=True, spec=self._spec)
-        return self._policy
-
-    @property
-    def trainer(self) -> Any:
-        if self._trainer is None:
-            self._trainer = build_trainer(self.config, self.policy)
-        return self._trainer
-
-    def learn(self, groups: list[Group]) -> dict[str, float]:
-        self._hook(self.trainer, self._inner.tick)
-        self._inner.phase("updating", sum(len(g.samples) for g in groups), "reply")
-        samples, advantages, betas = [], [], []
-        for group in groups:
-            if self.config.baseline == "entropic":
-                adv, beta = entropic_advantages(group.rewards, beta=self.config.beta)
-                betas.append(beta)
-            else:
-                adv = mean_baseline_advantages(group.rewards)
-            samples.extend(group.samples)
-            advantages.extend(float(a) for a in adv)
-        metrics = dict(self.trainer.step(samples, advantages, [len(g.samples) for g in groups]))
-        if betas:
-            metrics["beta"] = float(np.mean(betas))
-        return metrics
-
-    def checkpoint_extra(self, step_dir: Path) -> None:
-        import torch
-
-        self.policy.save_adapter(step_dir / "adapter")
-        torch.save(self.trainer.state_dict(), step_dir / "trainer.pt")  # Adam's moments and step counts
-
-    def restore_extra(self, step_dir: Path) -> None:
-        import torch
-
-        self.policy.load_adapter(step_dir / "adapter")
-        self.trainer.load_state_dict(torch.load(step_dir / "trainer.pt", weights_only=True))
 
 
 # Components are built from the agent's config here, and only here: a config field named like a
@@ -566,17 +459,6 @@ def build_policy(config: AgentConfig, trainable: bool, spec: Any = None) -> Any:
     else:
         knobs["target_modules"] = tuple(knobs["target_modules"])
     return LocalPolicy.from_pretrained(config.model, PolicyConfig(**{**knobs, "max_new_tokens": max_new_tokens}))
-
-
-def build_trainer(config: TTTConfig, policy: Any) -> Any:
-    from discover_agent.trainer import Trainer, TrainerConfig, default_kl_coef, default_lr
-
-    knobs = _matching(config, TrainerConfig)
-    if knobs["kl_coef"] is None:
-        knobs["kl_coef"] = default_kl_coef(config.env)
-    if knobs["lr"] is None:
-        knobs["lr"] = default_lr(config.model)
-    return Trainer(policy, TrainerConfig(**{**knobs, "betas": tuple(knobs["betas"])}))
 
 
 def _matching(config: AgentConfig, target: type) -> dict[str, Any]:

@@ -26,11 +26,12 @@ from typing import Any, ClassVar
 import gymnasium as gym
 
 import discover_envs  # noqa: F401 - registers the env ids
-from discover_agent.agents import Agent, PUCTSearch
+from discover_agent.agents import Agent
 from discover_agent.config import AgentConfig
 from discover_agent.leaderboard import read_entry, slug
 from discover_agent.registry import AGENTS
 from discover_agent.rundir import RunDir, code_version
+from discover_agent.search import PUCTSearch
 from discover_agent.storage import read_json, write_json
 
 
@@ -162,7 +163,7 @@ def run_bench(
                 # Steps before an interruption were counted by the earlier process; its checkpoint holds them.
                 before = _checkpointed_rollouts(run_out) if resume else 0
                 with counting_steps(env_id, key):
-                    result = spec.cls(config).run(progress=progress, **({"resume": True} if resume else {}))
+                    result = spec.cls(config).run(progress=progress, resume=resume)
                 steps = StepCounter.counts.pop(key, 0) + before
                 if steps > rollouts:
                     raise ValueError(f"{spec.label} took {steps} env steps on {env_id}, over the budget of {rollouts}")
@@ -198,7 +199,7 @@ def _per_step(run_out: Path) -> dict[str, list[float | None]]:
         return {}
     series = {}
     for name in DIAGNOSTICS:
-        values = [row.get(name) for row in checkpoint["metrics"]]
+        values = [row.get(name) for row in checkpoint.metrics]
         if any(v is not None for v in values):
             series[name] = [float(v) if v is not None and math.isfinite(v) else None for v in values]
     return series
@@ -207,7 +208,7 @@ def _per_step(run_out: Path) -> dict[str, list[float | None]]:
 def _checkpointed_rollouts(run_out: Path) -> int:
     """Rollouts of the steps an interrupted run committed (a step in flight is redone on resume)."""
     checkpoint = RunDir(run_out).checkpoint()
-    return checkpoint["rollouts"] if checkpoint else 0
+    return checkpoint.rollouts if checkpoint else 0
 
 
 def _config_for(agent_cls: type[Agent], fields: dict[str, Any]) -> AgentConfig:

@@ -15,23 +15,14 @@ from typing import Any
 
 import yaml
 
+import discover_envs
+
 
 def knob(default: Any, help: str, **kwargs: Any) -> Any:
     """A config field whose help text travels with it to the CLI."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
-
-
-#: CPU-friendly environment arguments per env id: small instances so a 135M model on 2 cores can act with a
-#: short JSON construction. Used when the user gives no --env-kwargs.
-CPU_PRESETS: dict[str, dict[str, Any]] = {
-    "discover/ErdosMinOverlap-v0": {"n": 16},
-    "discover/AC1-v0": {"n": 16},
-    "discover/AC2-v0": {"n": 16},
-    "discover/CirclePacking26-v0": {},
-    "discover/CirclePacking32-v0": {},
-}
 
 
 class ConfigError(ValueError):
@@ -124,8 +115,8 @@ class AgentConfig:
             raise ConfigError(f"env_kwargs must be a JSON object, got {self.env_kwargs!r}", "env_kwargs")
 
     def given_env_kwargs(self) -> dict[str, Any]:
-        """--env-kwargs, or the env's CPU preset when none were given."""
-        return dict(CPU_PRESETS.get(self.env, {}) if self.env_kwargs is None else self.env_kwargs)
+        """--env-kwargs, or the env's CPU preset (`Problem.cpu_preset`) when none were given."""
+        return discover_envs.cpu_preset(self.env) if self.env_kwargs is None else dict(self.env_kwargs)
 
     def resolved_env_kwargs(self) -> dict[str, Any]:
         kwargs = self.given_env_kwargs()
@@ -169,7 +160,7 @@ class TTTConfig(PUCTConfig):
     kl_coef: float | None = knob(
         None,
         "lambda of the per-token KL shaping against the base model (LoRA disabled); default: the paper's value "
-        "for the task (0.01 for algorithm engineering, else 0.1; `trainer.default_kl_coef`).",
+        "for the task (0.01 for algorithm engineering, else 0.1; the env's metadata['kl_coef']).",
     )
     beta: float | None = knob(None, "Entropic temperature; default: adaptive, so that KL(q || uniform) = ln 2.")
     baseline: str = knob("entropic", "Advantage estimator: entropic (the paper) or mean (GRPO-style ablation).")

@@ -15,8 +15,8 @@ from typing import Any
 import gymnasium as gym
 
 import discover_envs  # noqa: F401 - registers the env ids
+from discover_agent.types import Outcome
 
-Outcome = tuple[float, dict[str, Any]]
 _local = threading.local()
 
 
@@ -31,7 +31,7 @@ def evaluate(env_id: str, env_kwargs: dict[str, Any], parent: dict[str, Any], re
     env = cache[key]
     env.reset(options={"state": parent})
     _, reward, _, _, info = env.step(reply)
-    return reward, info
+    return Outcome(float(reward), info)
 
 
 class Executor(ABC):

@@ -9,14 +9,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from discover_agent.storage import replace_dir
 
 __all__ = [
     "EMBEDDED_MARKER",
@@ -27,7 +27,6 @@ __all__ = [
     "ensure_embedded_model",
     "is_embedded_model",
     "load_model_and_tokenizer",
-    "replace_dir",
     "resolve_device",
     "wrap_lora",
 ]
@@ -57,28 +56,6 @@ def embedded_cache_dir() -> Path:
     """Where the converted embedded model lives: $DISCOVER_CACHE/<name>, default ~/.cache/discover/<name>."""
     root = os.environ.get("DISCOVER_CACHE") or Path.home() / ".cache" / "discover"
     return Path(root).expanduser() / EMBEDDED_NAME
-
-
-def replace_dir(write, target: Path) -> Path:
-    """Run `write(tmp_dir)` and then swap `tmp_dir` in as `target`, so readers never see a half-written folder.
-
-    The old folder (if any) is renamed aside before the new one is renamed in, then deleted.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 #: Written into a converted embedded-model folder, so the folder is known as the embedded model wherever it lies.

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from discover_agent.agents import Agent, RunResult, open_env
+from discover_agent.agents import Agent, open_env
 from discover_agent.config import AgentConfig, knob
 from discover_agent.openevolve_eval import EvaluationService
 from discover_agent.rundir import RunDir
+from discover_agent.types import RunResult
 
 __all__ = ["OpenEvolveAgent", "OpenEvolveConfig"]
 

@@ -48,10 +48,10 @@ from discover_agent.model import (
     DEFAULT_TARGET_MODULES,
     default_lora_rank,
     load_model_and_tokenizer,
-    replace_dir,
     resolve_device,
     wrap_lora,
 )
+from discover_agent.storage import replace_dir
 from discover_envs.problem import ConstructionSpec
 
 __all__ = ["LocalPolicy", "Policy", "PolicyConfig", "Sample", "TokenConstraint"]

@@ -3,9 +3,13 @@ its own module plus one line here."""
 
 from __future__ import annotations
 
-from discover_agent.agents import BestOfN, Greedy, PUCTSearch, SearchAgent, TTTDiscover
-from discover_agent.calibration import EvolutionStrategy, RandomSearch
+from typing import Any
 
-AGENTS: dict[str, type[SearchAgent]] = {
+from discover_agent.agents import SearchAgent
+from discover_agent.calibration import EvolutionStrategy, RandomSearch
+from discover_agent.search import BestOfN, Greedy, PUCTSearch
+from discover_agent.ttt import TTTDiscover
+
+AGENTS: dict[str, type[SearchAgent[Any]]] = {
     cls.name: cls for cls in (TTTDiscover, BestOfN, PUCTSearch, Greedy, RandomSearch, EvolutionStrategy)
 }

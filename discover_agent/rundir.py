@@ -33,10 +33,19 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from discover_agent.storage import CorruptFile, append_jsonl, atomic_write_bytes, read_json, read_jsonl, write_json
+from discover_agent.storage import (
+    CorruptFile,
+    append_jsonl,
+    atomic_write_bytes,
+    read_json,
+    read_jsonl,
+    replace_dir,
+    write_json,
+)
 
 #: Files whose presence means the folder holds a run (so `discover run` refuses it).
 RUN_FILES = ("config.json", "checkpoint.json", "rollouts.jsonl")
@@ -71,6 +80,55 @@ class RunDirError(ValueError):
     """A run folder that cannot be used as asked; the message names the folder or file and what to do."""
 
 
+class Lineage(NamedTuple):
+    """Where a state came from: its parent's id, its score and the step that found it (JSON: a 3-list)."""
+
+    parent_id: str | None
+    score: float | None
+    step: int
+
+
+@dataclass
+class Checkpoint:
+    """checkpoint.json: the commit point of a step (steps done, counters, lineage, per-step metrics, the best-so-far
+    curve, the start states); `dir` names the step folder holding the sampler's buffer (and TTT's adapter)."""
+
+    agent: str
+    env: str
+    initial: list[dict[str, Any]]
+    step: int = 0
+    rollouts: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    lineage: dict[str, Lineage] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def dir(self) -> str:
+        return f"steps/step-{self.step:06d}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent, "env": self.env, "step": self.step, "rollouts": self.rollouts,
+            "tokens": self.tokens, "wall_s": self.wall_s, "initial": self.initial,
+            "lineage": {state: list(link) for state, link in self.lineage.items()}, "metrics": self.metrics,
+            "curve": [list(point) for point in self.curve], "dir": self.dir,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: Any, path: Path) -> Checkpoint:
+        """The checkpoint in `data` (read from `path`), checked field by field: `CorruptFile` names the first
+        field that is not as the loop writes it."""
+        _check_checkpoint(data, path)
+        return cls(
+            agent=data["agent"], env=data["env"], initial=data["initial"], step=data["step"],
+            rollouts=data["rollouts"], tokens=data["tokens"], wall_s=float(data["wall_s"]),
+            lineage={state: Lineage(*link) for state, link in data["lineage"].items()}, metrics=data["metrics"],
+            curve=[(int(x), float(y)) for x, y in data["curve"]],
+        )  # fmt: skip
+
+
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -102,7 +160,7 @@ class RunDir:
         finally:
             os.close(fd)  # closing releases the lock
 
-    def load_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any], Path] | None:
+    def load_checkpoint(self) -> tuple[Checkpoint, dict[str, Any], Path] | None:
         """(checkpoint, buffer, step folder), or None when no step finished yet (a crash in the first step).
 
         A checkpoint whose step folder or buffer is missing is refused, never taken for a fresh start; so are
@@ -110,7 +168,7 @@ class RunDir:
         checkpoint = self.checkpoint()
         if checkpoint is None:
             return None
-        path, step_dir = self.file("checkpoint.json"), self.path / checkpoint["dir"]
+        path, step_dir = self.file("checkpoint.json"), self.path / checkpoint.dir
         buffer_path = step_dir / "buffer.json"
         if not buffer_path.is_file():
             raise RunDirError(f"{path} points to {buffer_path}, which is missing; refusing to start {self.path} over")
@@ -118,7 +176,7 @@ class RunDir:
         self.refuse_links([step_dir, *inside])
         return checkpoint, read_json(buffer_path), step_dir
 
-    def checkpoint(self) -> dict[str, Any] | None:
+    def checkpoint(self) -> Checkpoint | None:
         """checkpoint.json, checked field by field (`CorruptFile` names the first bad one); None before the
         first step was committed."""
         path = self.file("checkpoint.json")
@@ -133,9 +191,7 @@ class RunDir:
                 )
             return None
         self.refuse_links([path])
-        checkpoint = read_json(path)
-        _check_checkpoint(checkpoint, path)
-        return checkpoint
+        return Checkpoint.from_json(read_json(path), path)
 
     def kept_rows(self, step: int) -> list[dict[str, Any]]:
         """The logged rows of steps before `step`; rows of an unfinished step are removed from the log."""
@@ -155,15 +211,12 @@ class RunDir:
     def log_rollouts(self, rows: list[dict[str, Any]]) -> None:
         append_jsonl(self.file("rollouts.jsonl"), rows)
 
-    def commit_step(self, checkpoint: dict[str, Any], write: Callable[[Path], None]) -> Path:
+    def commit_step(self, checkpoint: Checkpoint, write: Callable[[Path], None]) -> Path:
         """Write the step folder with `write(folder)` (whole, via a temporary folder), then the checkpoint that
         points to it, then drop older step folders. Returns the new step folder."""
-        from discover_agent.model import replace_dir
-
-        name = f"steps/step-{checkpoint['step']:06d}"
         self.refuse_links([self.file("steps")])
-        step_dir = replace_dir(write, self.path / name)
-        write_json(self.file("checkpoint.json"), {**checkpoint, "dir": name})
+        step_dir = replace_dir(write, self.path / checkpoint.dir)
+        write_json(self.file("checkpoint.json"), checkpoint.to_json())
         for old in self.file("steps").iterdir():
             if old.is_symlink():
                 old.unlink()  # the link only: its target is not the run's
@@ -256,7 +309,7 @@ def _check_checkpoint(checkpoint: Any, path: Path) -> None:
             and all(isinstance(r, dict) and type(r.get("mean_reward")) in (int, float) for r in metrics),
         ),
     }  # fmt: skip
-    for field, (what, ok) in rules.items():
+    for name, (what, ok) in rules.items():
         if not ok:
-            shown = json.dumps(checkpoint.get(field))
-            raise CorruptFile(f"{path}: {field!r} must be {what}, got {shown[:80]}")
+            shown = json.dumps(checkpoint.get(name))
+            raise CorruptFile(f"{path}: {name!r} must be {what}, got {shown[:80]}")

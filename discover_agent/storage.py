@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +82,25 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             raise CorruptFile(f"{path}:{number}: a row must be a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
+
+
+def replace_dir(write: Callable[[Path], Any], target: str | Path) -> Path:
+    """Run `write(tmp_dir)` and then swap `tmp_dir` in as `target`, so readers never see a half-written folder.
+
+    The old folder (if any) is renamed aside before the new one is renamed in, then deleted.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -26,8 +26,7 @@ from discover_agent.objective import kl_shaped_advantages
 from discover_agent.policy import LocalPolicy, Sample
 
 __all__ = [
-    "DEFAULT_KL_COEF", "EMBEDDED_LR", "KL_COEF_BY_ENV", "PAPER_LR", "Trainer", "TrainerConfig", "default_kl_coef",
-    "default_lr",
+    "DEFAULT_KL_COEF", "EMBEDDED_LR", "PAPER_LR", "Trainer", "TrainerConfig", "default_lr",
 ]  # fmt: skip
 
 #: The paper's Adam rate for its LoRA on gpt-oss-120b; the default for models nobody has swept here.
@@ -40,21 +39,14 @@ PAPER_LR = 4e-5
 #: 50%).
 EMBEDDED_LR = 3e-4
 
-#: lambda of the KL shaping where the paper names none for the task.
+#: lambda of the KL shaping where the task names none (`Problem.kl_coef` is the paper's per task).
 DEFAULT_KL_COEF = 0.1
-#: Tasks where the paper uses another lambda: 0.01 for algorithm engineering (the AtCoder contests).
-KL_COEF_BY_ENV: dict[str, float] = {"discover/AHC039-v0": 0.01, "discover/AHC058-v0": 0.01}
 
 
 def default_lr(model: str | None) -> float:
     """`EMBEDDED_LR` for the embedded model (None, or its folder given by path), else `PAPER_LR`: sweep yours
     with `discover bench --agents 'ttt[lr=...],...'` (README, Benchmarks)."""
     return EMBEDDED_LR if is_embedded_model(model) else PAPER_LR
-
-
-def default_kl_coef(env_id: str) -> float:
-    """The KL coefficient the paper uses for `env_id` (`KL_COEF_BY_ENV`), else `DEFAULT_KL_COEF`."""
-    return KL_COEF_BY_ENV.get(env_id, DEFAULT_KL_COEF)
 
 
 @dataclass

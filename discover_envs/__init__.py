@@ -13,7 +13,7 @@ from discover_envs.problem import (
     InvalidState,
     Problem,
 )
-from discover_envs.registry import env_ids, register, register_envs
+from discover_envs.registry import cpu_preset, env_ids, register, register_envs
 from discover_envs.trl_rewards import trl_prompt_dataset, trl_reward_func
 
 register_envs()
@@ -26,6 +26,7 @@ __all__ = [
     "InvalidSolution",
     "InvalidState",
     "Problem",
+    "cpu_preset",
     "env_ids",
     "register",
     "trl_prompt_dataset",

@@ -50,7 +50,8 @@ class DiscoverEnv(gym.Env[str, str]):
     `higher_is_better` and `score_name` of the problem's figure, `construction_spec` (None for code-only
     tasks) for constrained decoding, `sandbox`, the isolation candidate code gets here (for run records), and
     `pinned_kwargs`, arguments this instance drew itself (a secret seed) that agents pin in the run's config,
-    and `published`, the literature's figures for the problem as (who, value) pairs (context for leaderboards).
+    `published`, the literature's figures for the problem as (who, value) pairs (context for leaderboards), and
+    `kl_coef`, the paper's lambda of the KL penalty for the task (TTT's default).
     A valid step's `info["copy"]` says whether the reply only restated its start state (`Problem.is_copy`).
     `render_mode="ansi"`: `render()` returns the current state as text.
     `unsafe_no_isolation=True` lets candidate code run without a namespace sandbox where bubblewrap cannot
@@ -78,6 +79,7 @@ class DiscoverEnv(gym.Env[str, str]):
             "sandbox": isolation_report(self.problem.limits),
             "pinned_kwargs": pinned,
             "published": self.problem.published(),
+            "kl_coef": self.problem.kl_coef,
         }
         self.observation_space = spaces.Text(max_length=MAX_TEXT, min_length=1, charset=CHARSET)
         self.action_space = spaces.Text(max_length=MAX_TEXT, min_length=0, charset=CHARSET)

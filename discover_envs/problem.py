@@ -166,6 +166,11 @@ class Problem(ABC):
     def render_state(self, state: dict[str, Any]) -> str:
         """The start-state section of the prompt (construction and/or code, and its score)."""
 
+    #: lambda of TTT-Discover's KL penalty for this task (0.01 for algorithm engineering, 0.1 elsewhere).
+    kl_coef: ClassVar[float] = 0.1
+    #: Constructor arguments of a small instance a 135M model on 2 CPU cores can act on (e.g. n = 16); agents
+    #: use them when no env arguments are given (`discover_envs.cpu_preset`).
+    cpu_preset: ClassVar[dict[str, Any]] = {}
     #: The literature's figures for this problem as (who, value), best last; see `published`.
     published_figures: ClassVar[tuple[tuple[str, float], ...]] = ()
 

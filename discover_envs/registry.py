@@ -6,6 +6,7 @@ an id. A problem of one's own gets its own id with `discover_envs.register` (see
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import gymnasium as gym
@@ -72,6 +73,25 @@ def register_envs() -> None:
     register("discover/AHC039-v0", "discover_envs.problems.ahc039:PurseSeine", nondeterministic=True)
     register("discover/AHC058-v0", "discover_envs.problems.ahc058:AppleMachines", nondeterministic=True)
     register("discover/TriMul-v0", "discover_envs.problems.trimul:TriMul", nondeterministic=True)
+
+
+def cpu_preset(env_id: str) -> dict[str, Any]:
+    """The CPU preset of a registered discover id (`Problem.cpu_preset`, read from its class without building
+    the env); {} for any other env."""
+    module, _, name = env_id.rpartition(":")
+    try:
+        if module:
+            importlib.import_module(module)
+        entry_point = gym.spec(name).entry_point
+    except (ImportError, gym.error.Error):
+        return {}  # `gym.make` names the problem when the env is built
+    if not isinstance(entry_point, BoundProblem):
+        return {}
+    problem = entry_point.problem
+    if isinstance(problem, str):
+        module, _, name = problem.partition(":")
+        problem = getattr(importlib.import_module(module), name)
+    return dict(problem.cpu_preset)
 
 
 def env_ids() -> list[str]:

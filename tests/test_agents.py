@@ -13,13 +13,17 @@ import torch
 import toy_env  # noqa: F401 - registers toy/Guess-v0
 from safetensors.torch import load_file
 
-from discover_agent.agents import BestOfN, PUCTSearch, RunResult, TTTDiscover, _lineage, build_trainer
+import discover_envs
+from discover_agent.agents import _lineage
 from discover_agent.config import AgentConfig, TTTConfig, load_run_config
 from discover_agent.policy import Policy, PolicyConfig, Sample
 from discover_agent.registry import AGENTS
-from discover_agent.rundir import RunDir, RunDirError
+from discover_agent.rundir import Lineage, RunDir, RunDirError
+from discover_agent.search import BestOfN, PUCTSearch
 from discover_agent.storage import CorruptFile, read_jsonl
-from discover_agent.trainer import TrainerConfig, default_kl_coef
+from discover_agent.trainer import TrainerConfig
+from discover_agent.ttt import TTTDiscover, build_trainer
+from discover_agent.types import RunResult
 
 ENV = "discover/AC1-v0"
 ENV_KWARGS = {"n": 3}
@@ -291,8 +295,8 @@ def test_every_policy_and_trainer_knob_is_a_config_field():
     trainer, config = TrainerConfig(), TTTConfig()
     for f in dataclasses.fields(TrainerConfig):
         value = getattr(config, f.name)
-        if f.name == "kl_coef":  # None: the task's value, resolved by `build_trainer`
-            value = default_kl_coef(config.env)
+        if f.name == "kl_coef":  # None: the task's value (env.metadata), resolved by `build_trainer`
+            value = gym.make(config.env, **config.given_env_kwargs()).metadata["kl_coef"]
         if f.name == "lr":  # None: the model's rate, resolved by `build_trainer` (tests/test_trainer.py)
             assert value is None
             continue
@@ -307,8 +311,9 @@ def test_the_kl_coefficient_defaults_to_the_tasks_and_a_flag_overrides_it(monkey
     import discover_agent.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "Trainer", lambda policy, config: config)
-    assert build_trainer(TTTConfig(env=env_id), policy=None).kl_coef == expected
-    assert build_trainer(TTTConfig(env=env_id, kl_coef=0.5), policy=None).kl_coef == 0.5
+    task = gym.make(env_id, **discover_envs.cpu_preset(env_id)).metadata["kl_coef"]  # what `run` hands over
+    assert build_trainer(TTTConfig(env=env_id), None, task).kl_coef == expected
+    assert build_trainer(TTTConfig(env=env_id, kl_coef=0.5), None, task).kl_coef == 0.5
 
 
 @pytest.mark.parametrize(
@@ -340,7 +345,10 @@ def test_a_reply_that_repeats_its_start_state_does_not_loop_the_lineage(tmp_path
 
 
 def test_lineage_stops_at_a_cycle():
-    assert [link["id"] for link in _lineage({"id": "a"}, {"a": ["b", 1.0, 0], "b": ["a", 0.5, 0]})] == ["b", "a"]
+    assert [link["id"] for link in _lineage({"id": "a"}, {"a": Lineage("b", 1.0, 0), "b": Lineage("a", 0.5, 0)})] == [
+        "b",
+        "a",
+    ]
 
 
 def test_old_step_folders_are_removed_after_the_checkpoint_moves_on(finished_run):

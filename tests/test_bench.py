@@ -8,11 +8,12 @@ import time
 import gymnasium as gym
 import pytest
 
-from discover_agent.agents import Agent, RunResult
+from discover_agent.agents import Agent
 from discover_agent.bench import AgentSpec, run_bench
 from discover_agent.cli import main
 from discover_agent.config import AgentConfig
 from discover_agent.leaderboard import write_leaderboards
+from discover_agent.types import RunResult
 
 ENV = "discover/AC1-v0"
 
@@ -23,7 +24,7 @@ class ConstantAgent(Agent):
     name = "constant"
     steps_taken = 1
 
-    def run(self, progress: bool = True) -> RunResult:
+    def run(self, progress: bool = True, resume: bool = False) -> RunResult:
         cfg = self.config
         env = gym.make(cfg.env, **cfg.resolved_env_kwargs())
         _, info = env.reset(seed=cfg.seed)
@@ -158,8 +159,8 @@ def test_bench_command_line_takes_a_config_file_for_every_agents_knobs(tmp_path,
 
 
 def test_an_interrupted_bench_resumes_its_unfinished_runs_and_skips_finished_ones(tiny_model_dir, tmp_path):
-    from discover_agent.agents import BestOfN
     from discover_agent.leaderboard import slug
+    from discover_agent.search import BestOfN
 
     common = {"model": str(tiny_model_dir), "env_kwargs": {"n": 3}, "groups": 1, "group_size": 2,
               "max_new_tokens": 40, "device": "cpu"}  # fmt: skip

@@ -65,7 +65,7 @@ def test_es_climbs_on_the_toy_env_and_keeps_sigma_by_the_success_rule(tmp_path):
 def test_the_es_step_size_follows_the_one_fifth_rule(tmp_path):
     """For lambda = 1, a success multiplies sigma by exp(1/3), a failure by exp(-1/12) (Auger & Hansen)."""
     agent = EvolutionStrategy(config(EvolutionStrategy, tmp_path, env_kwargs={"n": 4}))
-    from discover_agent.agents import Group
+    from discover_agent.types import Group
 
     parent = {"id": "p", "reward": 1.0}
     agent.sigma, agent._proposed = 1.0, [[np.zeros(4)]]

@@ -13,9 +13,8 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-import discover_envs  # noqa: F401 - registers the env ids
+import discover_envs
 from discover_agent import constrained
-from discover_agent.config import CPU_PRESETS
 from discover_agent.constrained import JsonArrayConstraint, default_max_new_tokens, token_texts
 from discover_envs.problem import ConstructionSpec, format_numbers
 
@@ -25,6 +24,10 @@ from tiny_model import build_model, build_tokenizer
 SEQUENCE_01 = ConstructionSpec("sequence", 5, 5, 0.0, 1.0)
 SEQUENCE_WIDE = ConstructionSpec("sequence", 3, 7, -2.0, 3.0)
 TUPLES_01 = ConstructionSpec("tuples", 4, 4, 0.0, 1.0, arity=3)
+
+#: The construction envs (a small CPU preset each where the problem has one).
+CONSTRUCTION_ENVS = ["discover/AC1-v0", "discover/AC2-v0", "discover/CirclePacking26-v0", "discover/CirclePacking32-v0",
+                     "discover/ErdosMinOverlap-v0"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +290,7 @@ def test_parse_returns_the_list_and_refuses_other_json(tokenizer):
 
 # -- the reply budget ----------------------------------------------------------------------------------
 
-CPU_ENVS = sorted(CPU_PRESETS)
+CPU_ENVS = CONSTRUCTION_ENVS
 
 
 def _sample_budget(model, tokenizer, constraint, n: int, seed: int = 0, recorder=None) -> list[list[int]]:
@@ -409,7 +412,7 @@ def test_default_budget_lets_every_reply_of_a_random_model_parse_at_the_cpu_pres
     """The defaults: budget `default_max_new_tokens(spec)`, grammar from the policy's own factory. Every reply
     is a complete array of the right shape (geometry may still fail), and copying the start state as the
     prompt shows it fits in the budget."""
-    env = gym.make(env_id, **CPU_PRESETS[env_id])
+    env = gym.make(env_id, **discover_envs.cpu_preset(env_id))
     prompt, info = env.reset(seed=0)
     spec = env.unwrapped.construction_spec
     policy = make_tiny_policy(max_new_tokens=default_max_new_tokens(spec), batch_size=8)

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 
 import discover_agent.storage as storage
-import discover_envs  # noqa: F401 - registers the env ids
-from discover_agent.config import CPU_PRESETS
+import discover_envs
 from discover_agent.sampler import FixedSampler, GreedySampler, PUCTSampler
 from discover_envs.state import make_state
+
+#: The construction envs (a small CPU preset each where the problem has one).
+CONSTRUCTION_ENVS = ["discover/AC1-v0", "discover/AC2-v0", "discover/CirclePacking26-v0", "discover/CirclePacking32-v0",
+                     "discover/ErdosMinOverlap-v0"]  # fmt: skip
 
 
 def st(name, reward, parent=None):
@@ -325,11 +328,11 @@ def test_select_groups_merges_picks_of_one_state_into_one_larger_group(make, k, 
         make(initial).select_groups(k, group_size=0)
 
 
-@pytest.mark.parametrize("env_id", sorted(CPU_PRESETS))
+@pytest.mark.parametrize("env_id", CONSTRUCTION_ENVS)
 def test_reset_seeds_give_distinct_initial_states_that_start_distinct_groups(env_id):
     """The paper initialises the buffer with random states: a construction env's `reset(seed=...)` gives
     a different valid start state per seed, and a buffer seeded with k of them starts k separate groups."""
-    env = gym.make(env_id, **CPU_PRESETS[env_id])
+    env = gym.make(env_id, **discover_envs.cpu_preset(env_id))
     states = [env.reset(seed=seed)[1]["state"] for seed in range(4)]
     assert len({s["id"] for s in states}) == 4
     assert env.reset(seed=2)[1]["state"]["id"] == states[2]["id"]

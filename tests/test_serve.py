@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from tiny_model import build_model, build_tokenizer
 
-from discover_agent.agents import BestOfN
 from discover_agent.config import AgentConfig
 from discover_agent.json_schema import UnsupportedSchema, construction_schema, out_of_spec, spec_from_schema
 from discover_agent.openai_policy import OpenAIPolicy, response_format
 from discover_agent.policy import PolicyConfig
+from discover_agent.search import BestOfN
 from discover_agent.serve import ServedPolicy, create_app, running
 from discover_agent.storage import read_jsonl
 from discover_envs.problem import ConstructionSpec

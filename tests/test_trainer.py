@@ -219,17 +219,25 @@ def test_ttt_learns_a_learnable_task_while_an_untrained_policy_stays_flat(make_t
     assert max(untrained[-3:]) < untrained[0] + 0.15
 
 
-def test_kl_coefficient_is_per_task_where_the_paper_sets_one():
-    from discover_agent.trainer import DEFAULT_KL_COEF, default_kl_coef
+def test_kl_coefficient_is_the_tasks_where_the_paper_sets_one(tiny_policy):
+    """The paper's lambda lives with the task (`Problem.kl_coef`, in env.metadata): 0.01 for the contests."""
+    import gymnasium as gym
 
-    assert default_kl_coef("discover/AHC039-v0") == 0.01
-    assert default_kl_coef("discover/ErdosMinOverlap-v0") == DEFAULT_KL_COEF == TrainerConfig().kl_coef
+    from discover_agent.config import TTTConfig
+    from discover_agent.trainer import DEFAULT_KL_COEF
+    from discover_agent.ttt import build_trainer
+
+    assert gym.make("discover/AHC039-v0").metadata["kl_coef"] == 0.01
+    assert gym.make("discover/ErdosMinOverlap-v0", n=4).metadata["kl_coef"] == DEFAULT_KL_COEF == 0.1
+    assert build_trainer(TTTConfig(), tiny_policy, 0.01).config.kl_coef == 0.01
+    assert build_trainer(TTTConfig(), tiny_policy).config.kl_coef == DEFAULT_KL_COEF == TrainerConfig().kl_coef
+    assert build_trainer(TTTConfig(kl_coef=0.5), tiny_policy, 0.01).config.kl_coef == 0.5
 
 
 def test_learning_rate_defaults_to_the_sweeps_for_the_embedded_model_and_the_papers_otherwise(tiny_policy):
-    from discover_agent.agents import build_trainer
     from discover_agent.config import TTTConfig
     from discover_agent.trainer import EMBEDDED_LR, PAPER_LR, default_lr
+    from discover_agent.ttt import build_trainer
 
     assert default_lr(None) == EMBEDDED_LR == 3e-4 and default_lr("/models/other") == PAPER_LR == 4e-5
     for model, lr in [(None, EMBEDDED_LR), ("/models/other", PAPER_LR)]:

@@ -10,7 +10,7 @@ invalid attempt ("verifier budget exceeded"), never scored from the FFT alone.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -94,6 +94,8 @@ def convolve_exact_max(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, float]
 
 class _Autocorrelation(ConstructionProblem):
     """Shared rules of the step-function problems: nonnegative finite heights with a positive sum."""
+
+    cpu_preset: ClassVar[dict[str, Any]] = {"n": 16}
 
     #: Length of the random start construction when `n` is not fixed.
     default_start_n: ClassVar[int] = 200

@@ -167,6 +167,7 @@ class ContestProblem(Problem):
     each case (None where the case failed); its code is the program."""
 
     higher_is_better: ClassVar[bool] = True
+    kl_coef: ClassVar[float] = 0.01  # the paper's lambda for algorithm engineering
     failure_reward: ClassVar[float] = -1.0
     #: Construction key of the per-case judged outputs, e.g. "polygons".
     output_key: ClassVar[str]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -50,6 +50,7 @@ class ErdosMinOverlap(ConstructionProblem):
     title: ClassVar[str] = "Erdős minimum overlap (upper bound on C5)"
     higher_is_better: ClassVar[bool] = False
     figure: ClassVar[str] = "C5 upper bound (lower is better)"
+    cpu_preset: ClassVar[dict[str, Any]] = {"n": 16}
     published_figures: ClassVar[tuple[tuple[str, float], ...]] = (
         ("Haugland 2016", 0.3809269),
         ("AlphaEvolve", 0.3809230),

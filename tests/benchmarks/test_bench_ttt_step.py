@@ -26,8 +26,9 @@ import torch
 
 import discover_envs  # noqa: F401 - registers the env ids
 from discover_agent import threads
-from discover_agent.agents import TTTDiscover, build_policy, construction_spec
+from discover_agent.agents import build_policy, construction_spec
 from discover_agent.config import TTTConfig
+from discover_agent.ttt import TTTDiscover
 
 pytestmark = [pytest.mark.embedded, pytest.mark.usefixtures("only_when_benchmarking")]
 
