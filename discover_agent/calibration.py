@@ -178,6 +178,7 @@ class EvolutionStrategy(_Calibration):
                     self.best_id, self.best_x = info["next_state"]["id"], x.tolist()
         rate = successes / trials
         damping = 3.0 / math.sqrt(trials)
+        assert self.sigma is not None  # set by `propose` before any step is learned from
         self.sigma = float(self.sigma * math.exp((rate - TARGET_SUCCESS) / ((1 - TARGET_SUCCESS) * damping)))
         return {"sigma": self.sigma, "success_rate": rate}
 

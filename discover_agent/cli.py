@@ -13,7 +13,7 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -104,7 +104,7 @@ def add_config_arguments(
         if f.name in skip:
             continue
         base = _field_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS if suppress else default,
@@ -142,7 +142,7 @@ def build_config(cls: type[AgentConfig], fields: dict[str, Any]) -> AgentConfig:
         raise ConfigError(f"{flag(exc.field)}: {exc}" if exc.field else str(exc), exc.field) from None
 
 
-def _run_parser(agent_cls: Any, agents: Sequence[str]) -> Parser:
+def _run_parser(agent_cls: Any, agents: Iterable[str]) -> Parser:
     parser = Parser(
         prog="discover run",
         description="Run one agent on one problem into a new --out folder (`discover resume` continues one).",

@@ -82,7 +82,7 @@ def ensure_embedded_model(target: Path | None = None) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         # The weights are de-quantised floats now; without this the folder would claim to be GGUF-quantised.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
@@ -136,7 +136,7 @@ def load_model_and_tokenizer(
             f"cannot load model {str(source)!r} (a local transformers folder, or a model id already in the "
             f"local Hugging Face cache; downloads are disabled): {exc}"
         ) from None
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]  # transformers' stubs type .to() oddly
 
 
 def wrap_lora(
@@ -149,7 +149,7 @@ def wrap_lora(
         raise ValueError(f"lora_rank must be >= 1, got {rank}")
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates an int; any positive float works
         lora_dropout=dropout,
         target_modules=list(target_modules),
         task_type="CAUSAL_LM",

@@ -155,7 +155,7 @@ def _process_state_restored() -> Iterator[None]:
     process; put them back after the run, so later runs in the same `discover bench` are not affected."""
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
-    signals = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    signals: dict[int, Any] = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:

@@ -44,7 +44,9 @@ class TTTDiscover(PUCTSearch[TTTConfig]):
     def learn(self, groups: list[Group]) -> dict[str, float]:
         self._hook(self.trainer, self._inner.tick)
         self._inner.phase("updating", sum(len(g.samples) for g in groups), "reply")
-        samples, advantages, betas = [], [], []
+        samples: list[Any] = []
+        advantages: list[float] = []
+        betas: list[float] = []
         for group in groups:
             if self.config.baseline == "entropic":
                 adv, beta = entropic_advantages(group.rewards, beta=self.config.beta)

@@ -55,7 +55,9 @@ def cgroup_parents() -> tuple[tuple[str, str], ...]:
     root = Path("/sys/fs/cgroup")
     if "memory" in own and "pids" in own:
         wanted = {**_V1_REQUIRED, **{c: f for c, f in _V1_OPTIONAL.items() if c in own}}
-        found = {c: (str(root / c / own[c].lstrip("/")), (f,)) for c, f in wanted.items()}
+        found: dict[str, tuple[str, tuple[str, ...]]] = {
+            c: (str(root / c / own[c].lstrip("/")), (f,)) for c, f in wanted.items()
+        }
         kind = "v1"
     elif "unified" in own and (root / "cgroup.controllers").exists():
         found = {"unified": (str(root / own["unified"].lstrip("/")), ("memory.max", "pids.max"))}

@@ -187,6 +187,7 @@ class DiscoverEnv(gym.Env[str, str]):
 
     def _verified(self, action: str) -> tuple[Evaluation, dict[str, Any]] | str:
         """(evaluation, child state) of a valid reply, else the reason it is invalid."""
+        assert self.state is not None  # `step` checked it
         if len(action) > MAX_TEXT:
             return f"the reply has {len(action)} characters; at most {MAX_TEXT} are read"
         try:

@@ -96,7 +96,8 @@ def extract_block(reply: str, languages: tuple[str, ...]) -> tuple[str, str] | N
         closer = reply.find(_FENCE, newline + 1) if newline >= 0 else -1
         if closer < 0:  # no later opener can have a newline and a closer after it either
             return found
-        tag = _TAG.match(reply, opener + 3, newline).group(1).lower()
+        match = _TAG.match(reply, opener + 3, newline)
+        tag = match.group(1).lower() if match else ""  # the pattern matches the empty string, so always
         if tag in languages:
             found = (tag, reply[newline + 1 : closer])
         start = closer + 3

@@ -462,7 +462,7 @@ def run_program(
         _relative(name)
     mode = _mode(limits)
     own_dir = workdir is None
-    work = runspace.make_folder(limits.disk_mb, limits.inodes) if own_dir else os.path.abspath(workdir)
+    work = runspace.make_folder(limits.disk_mb, limits.inodes) if workdir is None else os.path.abspath(workdir)
     try:
         folder = _folder_identity(work)
         for name, data in (files or {}).items():
@@ -794,7 +794,8 @@ def _describe_exit(returncode: int | None, limits: SandboxLimits, oom: bool = Fa
         return f"exit status {returncode}"
     signum = -returncode
     name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
-    hint = {signal.SIGXCPU: " (CPU time limit exceeded)", signal.SIGXFSZ: " (file size limit exceeded)"}.get(signum, "")
+    hints = {int(signal.SIGXCPU): " (CPU time limit exceeded)", int(signal.SIGXFSZ): " (file size limit exceeded)"}
+    hint = hints.get(signum, "")
     if oom:
         hint = f" (the run's memory limit of {limits.memory_mb} MB was exceeded)"
     return f"killed by signal {name}{hint}"

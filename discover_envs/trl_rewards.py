@@ -27,9 +27,12 @@ __all__ = ["trl_prompt_dataset", "trl_reward_func"]
 
 def _make(env_id: str, env_kwargs: dict[str, Any]) -> DiscoverEnv:
     try:
-        return gym.make(env_id, **env_kwargs).unwrapped
+        env = gym.make(env_id, **env_kwargs).unwrapped
     except gym.error.Error as exc:
         raise ValueError(f"unknown or broken env {env_id!r}: {exc} (see `discover envs`)") from None
+    if not isinstance(env, DiscoverEnv):
+        raise ValueError(f"{env_id} is not a discover env (a DiscoverEnv): the TRL reward needs its problem")
+    return env
 
 
 def _reply(completion: Any) -> str:

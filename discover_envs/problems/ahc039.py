@@ -158,7 +158,8 @@ def parse_output(data: bytes) -> np.ndarray | None:
     None for an empty output. Like the official tester, every polygon printed is read with its vertex count in
     4..MAX_VERTICES and every coordinate in [0, COORD_MAX]; the first violation is reported."""
     numbers = parse_integers(data)
-    heads, start, broken = [], 0, None
+    heads: list[int] = []
+    start, broken = 0, None
     while start < len(numbers):
         m = numbers.item(start)
         if not 4 <= m <= MAX_VERTICES:

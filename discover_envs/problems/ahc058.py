@@ -95,11 +95,14 @@ def parse_actions(data: bytes, case: Case) -> list[tuple[int, int] | None]:
         if not tokens or tokens[0].startswith("#"):
             continue
         turn = len(actions)
-        values = [read_int(t) for t in tokens]
+        read = [read_int(t) for t in tokens]
+        values = [v for v in read if v is not None]
+        if len(values) != len(read):
+            raise InvalidSolution(f"turn {turn}: {_show(line)} is neither 'i j' nor '-1'")
         if values == [-1]:
             actions.append(None)
             continue
-        if len(values) != 2 or None in values:
+        if len(values) != 2:
             raise InvalidSolution(f"turn {turn}: {_show(line)} is neither 'i j' nor '-1'")
         i, j = values
         if not 0 <= i < case.levels:

@@ -118,8 +118,8 @@ def _check_inside(circles: np.ndarray) -> None:
         # A rounded sum other than 1 lies on the same side of 1 as the exact sum; only ties need fractions.
         total = centre + r
         over = total > 1.0
-        for i in np.flatnonzero(total == 1.0):
-            over[i] = Fraction(float(centre[i])) + Fraction(float(r[i])) > 1
+        for tie in np.flatnonzero(total == 1.0):
+            over[tie] = Fraction(float(centre[tie])) + Fraction(float(r[tie])) > 1
         if over.any():
             i = int(np.flatnonzero(over)[0])
             excess = Fraction(float(centre[i])) + Fraction(float(r[i])) - 1
