@@ -99,13 +99,12 @@ class ErdosMinOverlap(ConstructionProblem):
         ax_h.stairs(h, edges, fill=True, alpha=0.35)
         ax_h.stairs(h, edges, color="C0")
         ax_h.set(xlabel="x", ylabel="h(x)", xlim=(0.0, 2.0), ylim=(0.0, max(1.05, float(h.max()) * 1.05)))
-        ax_h.set_title(f"h on {n} equal steps of [0, 2]" if error is None else f"invalid: {error}"[:90], fontsize=10)
+        ax_h.set_title(f"h, {n} steps on [0, 2]" if error is None else f"invalid: {error}"[:90], fontsize=10)
         full, peak = convolve_exact_max(h, (1.0 - h)[::-1])
         shifts = (np.arange(full.size) - (n - 1)) * 2.0 / n
         ax_m.plot(shifts, full * 2.0 / n, color="C0")
         bound = peak * 2.0 / n
-        ax_m.axhline(bound, color="C3", linestyle="--", label=f"M(h) = {bound:.7f}")
+        ax_m.axhline(bound, color="C3", linestyle="--")
         ax_m.plot(shifts[int(np.argmax(full))], bound, "o", color="C3")
         ax_m.set(xlabel="shift k", ylabel="∫ h(x)(1 - h(x + k)) dx")
-        ax_m.set_title(f"overlap by shift: C5 <= {bound:.7f}", fontsize=10)
-        ax_m.legend(loc="lower center")
+        ax_m.set_title(f"overlap by shift, max: C5 <= {bound:.7f}", fontsize=10)
