@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from discover_agent.gbnf import construction_grammar
 from discover_agent.openai_policy import EndpointError, OpenAIPolicy, construction_schema
 from discover_envs.problem import ConstructionSpec, extract_block
 
@@ -110,31 +111,87 @@ def test_constraint_spec_asks_for_a_json_schema_and_fences_the_reply(serve):
 
 
 def llama_cpp_like(contents: list[str]):
-    """Answers like llama-cpp-python's server: HTTP 500 for the json_schema form, the schema form otherwise."""
+    """Answers like llama-cpp-python's server: HTTP 500 for the json_schema form; under a grammar, the contents
+    fenced as the grammar makes them; under json_object + schema, the bare contents."""
 
     def respond(req):
         if req.get("response_format", {}).get("type") == "json_schema":
             return 500, '{"error": {"message": "Internal Server Error"}}'
-        return completion(contents[: req["n"]])
+        fence = ("```json\n", "\n```") if "grammar" in req else ("", "")
+        return completion([fence[0] + c + fence[1] for c in contents[: req["n"]]])
 
     return respond
 
 
-def test_server_refusing_json_schema_gets_the_json_object_form_from_then_on(serve, caplog):
+def test_server_refusing_json_schema_gets_the_spec_as_a_grammar_from_then_on(serve, caplog):
     server = serve(llama_cpp_like(["[0.5, 0.25]", "[0.1, 0.2]"]))
     spec = ConstructionSpec("sequence", 2, 2, 0.0, 1.0)
-    policy = OpenAIPolicy(server.url, "m")
+    policy = OpenAIPolicy(server.url, "m", max_tokens=20)
     groups = policy.sample(["p", "q"], n=2, constraint_spec=spec)
-    assert [[extract_block(s.text, ("json",))[1] for s in g] for g in groups] == [["[0.5, 0.25]\n", "[0.1, 0.2]\n"]] * 2
-    forms = [r["response_format"]["type"] for r in server.requests]
-    assert forms == ["json_schema", "json_object", "json_object"]  # learnt once, then kept
-    assert server.requests[1]["response_format"]["schema"] == construction_schema(spec)
-    assert policy.schema_form == "json_object" and "refused response_format json_schema" in caplog.text
+    assert [[s.text for s in g] for g in groups] == [["```json\n[0.5, 0.25]\n```", "```json\n[0.1, 0.2]\n```"]] * 2
+    assert [r.get("grammar") is not None for r in server.requests] == [False, True, True]  # learnt once, then kept
+    assert server.requests[1]["grammar"] == construction_grammar(spec)
+    assert server.requests[1]["max_tokens"] == 20 + len("```json\n\n```"), "room for the fence the server writes"
+    assert "response_format" not in server.requests[1]
+    assert policy.constraint_form == "grammar" and "refused it" in caplog.text
+
+
+def test_a_server_that_takes_json_schema_without_enforcing_bounds_is_moved_to_the_grammar(serve, caplog):
+    """llama.cpp's own server takes json_schema but enforces only the length: the first reply out of bounds
+    shows it, and the next requests carry the grammar."""
+
+    def respond(req):
+        if "grammar" in req:
+            return completion(["```json\n[0.5, 0.25]\n```"] * req["n"])
+        return completion(["[1.45, 5239074379]"] * req["n"])
+
+    server = serve(respond)
+    policy = OpenAIPolicy(server.url, "m")
+    spec = ConstructionSpec("sequence", 2, 2, 0.0, 1.0)
+    policy.sample(["p"], n=2, constraint_spec=spec)
+    [group] = policy.sample(["p"], n=2, constraint_spec=spec)
+    assert [("grammar" in r, "response_format" in r) for r in server.requests] == [(False, True), (True, False)]
+    assert (policy.constrained, policy.out_of_spec) == (4, 2) and all("[0.5, 0.25]" in s.text for s in group)
+    assert "sent a reply that breaks it" in caplog.text
+
+
+def test_a_server_that_ignores_the_grammar_is_moved_on(serve):
+    server = serve(lambda req: completion(["Sure! [0.5, 0.25]"] * req["n"]))
+    policy = OpenAIPolicy(server.url, "m", constraint_forms=("grammar", "json_object"))
+    policy.sample(["p"], n=1, constraint_spec=ConstructionSpec("sequence", 2, 2, 0.0, 1.0))
+    assert policy.constraint_form == "json_object"
+
+
+def test_a_reply_cut_at_max_tokens_keeps_the_form(serve):
+    def respond(req):
+        status, body = completion(["```json\n[0.5, "] * req["n"])
+        return status, body.replace('"stop"', '"length"')
+
+    server = serve(respond)
+    policy = OpenAIPolicy(server.url, "m", constraint_forms=("grammar", "json_object"))
+    policy.sample(["p"], n=1, constraint_spec=ConstructionSpec("sequence", 2, 2, 0.0, 1.0))
+    assert policy.constraint_form == "grammar" and policy.out_of_spec == 1, "counted, but no proof of a server"
+
+
+def test_a_refusal_after_the_server_answered_in_that_form_is_an_error(serve):
+    answers = iter([completion(["```json\n[0.5]\n```"]), (500, '{"error": "crashed"}')])
+    server = serve(lambda req: next(answers))
+    policy = OpenAIPolicy(server.url, "m", constraint_forms=("grammar", "json_object"))
+    spec = ConstructionSpec("sequence", 1, 1, 0.0, 1.0)
+    policy.sample(["p"], n=1, constraint_spec=spec)
+    with pytest.raises(EndpointError, match="HTTP 500"):
+        policy.sample(["p"], n=1, constraint_spec=spec)
+    assert policy.constraint_form == "grammar"
+
+
+def test_unknown_constraint_forms_are_refused():
+    with pytest.raises(ValueError, match="constraint_forms"):
+        OpenAIPolicy("http://127.0.0.1:1", "m", constraint_forms=("regex",))
 
 
 def test_replies_that_break_the_bounds_are_counted_and_reported(serve, caplog):
     server = serve(llama_cpp_like(["[9, 0.5]", "[0.5, 0.5]", "not json", "[0.5]"]))
-    policy = OpenAIPolicy(server.url, "m")
+    policy = OpenAIPolicy(server.url, "m", constraint_forms=("json_object",))
     policy.sample(["p"], n=4, constraint_spec=ConstructionSpec("sequence", 2, 2, 0.0, 1.0))
     assert (policy.constrained, policy.out_of_spec) == (4, 3)
     assert "3 of 4 replies" in caplog.text and "json_object" in caplog.text
