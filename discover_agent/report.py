@@ -42,10 +42,11 @@ MAX_CONSTRUCTION_CHARS = 3000
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left;
-font-size:.9em}th{background:#f4f4f4}img{max-width:100%}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;
-font-size:.8em;max-height:30em}.row{display:flex;flex-wrap:wrap;gap:1em}.card{border:1px solid #ddd;
-padding:.5em;flex:0 1 auto;max-width:560px}.card p{margin:.2em 0;font-size:.85em}.note{color:#666;font-size:.9em}
+table{border-collapse:collapse;margin:.5em 0}th{background:#f4f4f4}img{max-width:100%}
+td,th{border:1px solid #ddd;padding:.2em .6em;text-align:left;font-size:.9em}
+pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.8em;max-height:30em;white-space:pre-wrap}
+.row{display:flex;flex-wrap:wrap;gap:1em}.card{border:1px solid #ddd;padding:.5em;flex:0 1 auto;max-width:560px}
+.card p{margin:.2em 0;font-size:.85em}.note{color:#666;font-size:.9em}
 """
 
 
@@ -286,7 +287,7 @@ def _run_summary(
         ["env arguments", json.dumps(drawer.env_kwargs)],
         ["agent", config_file.get("agent")],
         ["model", config.get("endpoint") or config.get("model") or "embedded SmolLM2-135M-Instruct"],
-        ["best score", _fmt(best.get("score"))],
+        ["best score", _fmt((best.get("state") or {}).get("score"))],
         ["steps done / asked", f"{checkpoint.get('step', '-')} / {config.get('steps', '-')}"],
         ["rollouts (valid)", f"{len(rows)} ({valid}, {valid / len(rows):.1%})" if rows else "0"],
         ["generated tokens", checkpoint.get("tokens", "-")],

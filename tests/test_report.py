@@ -98,6 +98,7 @@ def test_run_report_shows_the_run_its_diagnostics_best_state_and_lineage(reporte
     score = f"{best['state']['score']:.10g}"
     for text in (ENV, "puct", "{&quot;n&quot;: 16}", "valid_frac", "mean_reward", "copy_rate", score):
         assert text in page, text
+    assert f"<td>best score</td><td>{score}</td>" in page
     for link in best["lineage"]:
         assert link["id"] in page
     images = pngs(page)
