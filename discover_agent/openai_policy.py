@@ -126,8 +126,8 @@ class OpenAIPolicy(Policy):
         self.seed, self._calls = seed, 0
 
     @property
-    def constraint_form(self) -> str:
-        """The constraint form in use (or next to try)."""
+    def schema_form(self) -> str:
+        """The constraint form in use, or next to try: one of `CONSTRAINT_FORMS` (the name predates grammars)."""
         return self.forms[0]
 
     def sample(self, prompts: list[str], n: int, constraint_spec: ConstructionSpec | None = None) -> list[list[Sample]]:
@@ -151,7 +151,7 @@ class OpenAIPolicy(Policy):
             logger.warning(
                 "%d of %d replies from %s broke the construction spec (the %s constraint was not enforced, or "
                 "replies hit max_tokens); %d of %d so far",
-                self.out_of_spec - broken, len(prompts) * n, self.url, self.constraint_form, self.out_of_spec,
+                self.out_of_spec - broken, len(prompts) * n, self.url, self.schema_form, self.out_of_spec,
                 self.constrained,
             )  # fmt: skip
         return groups
@@ -183,7 +183,7 @@ class OpenAIPolicy(Policy):
         """(answer, form) of a POST in the form in use; a form the server refuses before it ever answered in it
         is dropped for the next one."""
         while True:
-            form = self.constraint_form
+            form = self.schema_form
             fields = constraint_fields(spec, form)
             if form == "grammar":  # the server writes the fence too
                 fields["max_tokens"] = payload["max_tokens"] + len("".join(FENCE))

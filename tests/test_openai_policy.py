@@ -133,7 +133,7 @@ def test_server_refusing_json_schema_gets_the_spec_as_a_grammar_from_then_on(ser
     assert server.requests[1]["grammar"] == construction_grammar(spec)
     assert server.requests[1]["max_tokens"] == 20 + len("```json\n\n```"), "room for the fence the server writes"
     assert "response_format" not in server.requests[1]
-    assert policy.constraint_form == "grammar" and "refused it" in caplog.text
+    assert policy.schema_form == "grammar" and "refused it" in caplog.text
 
 
 def test_a_server_that_takes_json_schema_without_enforcing_bounds_is_moved_to_the_grammar(serve, caplog):
@@ -159,7 +159,7 @@ def test_a_server_that_ignores_the_grammar_is_moved_on(serve):
     server = serve(lambda req: completion(["Sure! [0.5, 0.25]"] * req["n"]))
     policy = OpenAIPolicy(server.url, "m", constraint_forms=("grammar", "json_object"))
     policy.sample(["p"], n=1, constraint_spec=ConstructionSpec("sequence", 2, 2, 0.0, 1.0))
-    assert policy.constraint_form == "json_object"
+    assert policy.schema_form == "json_object"
 
 
 def test_a_reply_cut_at_max_tokens_keeps_the_form(serve):
@@ -170,7 +170,7 @@ def test_a_reply_cut_at_max_tokens_keeps_the_form(serve):
     server = serve(respond)
     policy = OpenAIPolicy(server.url, "m", constraint_forms=("grammar", "json_object"))
     policy.sample(["p"], n=1, constraint_spec=ConstructionSpec("sequence", 2, 2, 0.0, 1.0))
-    assert policy.constraint_form == "grammar" and policy.out_of_spec == 1, "counted, but no proof of a server"
+    assert policy.schema_form == "grammar" and policy.out_of_spec == 1, "counted, but no proof of a server"
 
 
 def test_a_refusal_after_the_server_answered_in_that_form_is_an_error(serve):
@@ -181,7 +181,7 @@ def test_a_refusal_after_the_server_answered_in_that_form_is_an_error(serve):
     policy.sample(["p"], n=1, constraint_spec=spec)
     with pytest.raises(EndpointError, match="HTTP 500"):
         policy.sample(["p"], n=1, constraint_spec=spec)
-    assert policy.constraint_form == "grammar"
+    assert policy.schema_form == "grammar"
 
 
 def test_unknown_constraint_forms_are_refused():
@@ -271,7 +271,7 @@ def test_llama_cpp_server_takes_the_grammar_and_keeps_replies_in_bounds(llama_cp
     policy = OpenAIPolicy(llama_cpp_server, "smol", max_tokens=130, seed=0, timeout_s=300)
     spec = ConstructionSpec("sequence", 16, 16, 0.0, 1.0)
     [group] = policy.sample(["Write 16 numbers in [0, 1] as a JSON array."], n=4, constraint_spec=spec)
-    assert policy.constraint_form == "grammar" and (policy.constrained, policy.out_of_spec) == (4, 0)
+    assert policy.schema_form == "grammar" and (policy.constrained, policy.out_of_spec) == (4, 0)
     replies = [json.loads(extract_block(s.text, ("json",))[1]) for s in group]
     assert all(len(r) == 16 and all(0 <= x <= 1 for x in r) for r in replies)
 
