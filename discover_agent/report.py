@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import json
 import math
 import tempfile
@@ -135,10 +136,6 @@ class Drawer:
             self.note = f"States are not drawn: {env_id} declares no rgb_array render mode."
             env.close()
 
-    @property
-    def draws(self) -> bool:
-        return self.problem is not None or self.env is not None
-
     def png(self, state: dict[str, Any], scale: float = 1.0) -> bytes | str:
         """The state's picture, or why it has none (drawn once per id and scale: the best state is also in the
         lineage and the buffer)."""
@@ -180,8 +177,6 @@ class Drawer:
 
 
 def _array_png(image: Any) -> bytes:
-    import io
-
     from matplotlib.image import imsave
 
     buffer = io.BytesIO()

@@ -14,13 +14,14 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import toy_env
 from PIL import Image
 from test_cli import run_args
 
 from discover_agent.agents import _lineage
 from discover_agent.cli import main
 from discover_agent.config import PUCTConfig, save_run_config
-from discover_agent.report import ReportError, write_report
+from discover_agent.report import Drawer, ReportError, write_report
 from discover_agent.rundir import RunDir
 from discover_agent.storage import read_jsonl, write_json
 
@@ -151,6 +152,30 @@ def test_bench_report_shows_the_leaderboard_and_each_agents_best_state(tmp_path)
     assert "best score (mean ± std)" in page, "the leaderboard table"
     assert "puct, seed 0" in page and "best-of-n, seed 0" in page
     assert len(pngs(page)) == 1 + 2, "the leaderboard plot and one best state per agent"
+
+
+class PictureGuessEnv(toy_env.GuessEnv):
+    """Someone else's env that draws its states (`rgb_array`): the report draws them through `render()`."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 1}  # noqa: RUF012
+
+    def render(self) -> np.ndarray | None:
+        image = np.full((40, 60, 3), 255, dtype=np.uint8)
+        image[:, : int(self.state["guess"]) % 60] = (200, 30, 30)
+        return image
+
+
+gym.register("toy/PictureGuess-v0", entry_point=PictureGuessEnv)
+
+
+def test_states_of_any_env_that_renders_rgb_array_are_drawn_through_render_and_others_say_why():
+    drawer = Drawer("toy/PictureGuess-v0", {})
+    _, info = drawer.env.reset(seed=0)
+    png = drawer.png(info["state"])
+    assert np.asarray(Image.open(io.BytesIO(png))).shape[:2] == (40, 60)
+    assert "does not match" in drawer.png({**info["state"], "score": 99.0, "id": "x"}), "reset re-checks the state"
+    drawer.close()
+    assert "declares no rgb_array" in Drawer("toy_env:toy/Guess-v0", {}).png(info["state"])
 
 
 def test_report_of_a_folder_without_a_run_or_bench_names_both(tmp_path):
