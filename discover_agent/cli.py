@@ -186,10 +186,20 @@ def _execute(agent_cls: Any, config: AgentConfig, resume: bool, quiet: bool, rep
         f"after {result.rollouts} rollouts, {result.steps} steps, {result.wall_s:.1f} s -> {result.out}"
     )
     if report:
-        from discover_agent.report import write_report
-
-        print(f"report: {write_report(result.out)}")
+        _report("resume" if resume else "run", result.out)
     return 0
+
+
+def _report(command: str, folder: str | Path) -> None:
+    """Write the folder's report.html and name it. The run or bench is saved already, so a failure here is a
+    warning with the command that retries it, not a failed command."""
+    from discover_agent.report import write_report
+
+    try:
+        print(f"report: {write_report(folder)}")
+    except Exception as exc:
+        print(f"discover {command}: warning: report not written ({type(exc).__name__}: {exc}); retry with "
+              f"`discover report {folder}`", file=sys.stderr)  # fmt: skip
 
 
 def cmd_envs(argv: list[str]) -> int:
@@ -248,9 +258,7 @@ def cmd_bench(argv: list[str]) -> int:
     for e in entries:
         print(f"{e['env']}  {e['agent']:<12} seed {e['seed']}: best {e['best_score']}  ({e['wall_s']} s)")
     if report:
-        from discover_agent.report import write_report
-
-        print(f"report: {write_report(out)}")
+        _report("bench", out)
     return 0
 
 

@@ -192,6 +192,15 @@ def test_report_command_writes_the_page_where_asked_and_prints_its_path(tmp_path
     assert capsys.readouterr().err.startswith("discover report: error: ")
 
 
+def test_a_report_that_cannot_be_written_after_a_run_is_a_warning_naming_the_retry(tmp_path, capsys):
+    from discover_agent.cli import _report
+
+    _report("run", tmp_path)  # the run is saved: its command must not fail over the page
+    err = capsys.readouterr().err
+    assert err.startswith(f"discover run: warning: report not written (ReportError: {tmp_path}")
+    assert f"retry with `discover report {tmp_path}`" in err
+
+
 def test_run_ends_by_writing_its_report_and_naming_it_unless_told_not_to(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(run_args(tiny_model_dir, out)) == 0
