@@ -83,7 +83,8 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
         with path.open(newline="", encoding="utf-8") as fh:
             return [{key: _number(value) for key, value in row.items()} for row in csv.DictReader(fh)]
     checkpoint = run / "checkpoint.json"
-    return list(read_json(checkpoint).get("metrics", [])) if checkpoint.is_file() else []
+    rows = read_json(checkpoint).get("metrics", []) if checkpoint.is_file() else []
+    return [{key: _number(str(value)) if value is not None else None for key, value in row.items()} for row in rows]
 
 
 def _number(text: str | None) -> Any:
@@ -315,7 +316,8 @@ def _progress_section(rows: list[dict[str, Any]], metrics: list[dict[str, Any]],
         summary = []
         for column in columns:
             values = [row[column] for row in metrics if isinstance(row.get(column), float)]
-            summary.append([column, _fmt(values[0]), _fmt(values[-1]), _fmt(min(values)), _fmt(max(values))])
+            finite = [v for v in values if math.isfinite(v)] or [math.nan]
+            summary.append([column, _fmt(values[0]), _fmt(values[-1]), _fmt(min(finite)), _fmt(max(finite))])
         parts.append(_table(summary, ["column", "first step", "last step", "min", "max"]))
     return "".join(parts)
 

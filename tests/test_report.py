@@ -129,6 +129,13 @@ def test_ancestors_dropped_from_the_buffer_are_drawn_from_their_json_replies_onl
     assert write_report(run).read_text().count("not drawn") == 1
 
 
+def test_without_metrics_csv_the_checkpoints_metrics_are_shown(tmp_path):
+    run = synthetic_run(tmp_path / "run", rollouts=16)
+    (run / "metrics.csv").unlink()
+    page = write_report(run).read_text()
+    assert "<td>copy_rate</td>" in page and "<td>valid_frac</td><td>0.875</td>" in page
+
+
 def test_report_of_ten_thousand_rollouts_stays_under_three_megabytes(tmp_path):
     run = synthetic_run(tmp_path / "run", rollouts=10_000)
     path = write_report(run)
