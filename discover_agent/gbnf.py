@@ -46,8 +46,7 @@ def construction_grammar(spec: ConstructionSpec, decimals: int = 4, width: int |
             f"no number of at most {width} characters and {decimals} decimals lies in [{spec.low}, {spec.high}]"
         )
     item = "number" if spec.kind == "sequence" else '"[" number' + ' ", " number' * (spec.arity - 1) + ' "]"'
-    fence = " ".join(_literal(part) for part in FENCE)
-    head, tail = fence.split(" ")
+    head, tail = (_literal(part) for part in FENCE)
     return "\n".join([
         f"root ::= {head} array {tail}",
         f'array ::= "[" {_items(spec.min_length, spec.max_length)} "]"',

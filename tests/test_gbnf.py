@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from fractions import Fraction
 
@@ -79,6 +80,11 @@ def test_every_reply_the_grammar_allows_is_read_by_the_env_as_an_in_spec_constru
 
 def test_long_free_lengths_leave_the_tail_open_and_impossible_bounds_are_refused():
     assert '(", " item)*' in construction_grammar(ConstructionSpec("sequence", 1, 200_000, 0.0, 1.0))
+    unbounded = as_regex(construction_grammar(ConstructionSpec("sequence", 1, 1, -math.inf, math.inf)))
+    fits = ("-123456", "1234567", "0.1234", "-1.234")  # 7 characters: room for a sign, as the reply budget has
+    assert all(unbounded.fullmatch(f"```json\n[{x}]\n```") for x in fits)
+    too_long = ("12345678", "-1234567", "0.12345", "1e5")
+    assert not any(unbounded.fullmatch(f"```json\n[{x}]\n```") for x in too_long)
     with pytest.raises(ValueError, match="no number of at most 6 characters"):
         construction_grammar(ConstructionSpec("sequence", 1, 1, 1e7, 2e7))
 
