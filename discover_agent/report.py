@@ -448,20 +448,20 @@ def _bench_best(entries: list[dict[str, Any]]) -> str:
     try:
         pick = max if drawer.higher_is_better else min
         cards = []
-        for agent in sorted({e["agent"] for e in entries}):
-            runs = [e for e in entries if e["agent"] == agent and e.get("best_score") is not None]
-            if not runs:
-                continue
-            run = pick(runs, key=lambda e: e["best_score"])
+        scored = [e for e in entries if e.get("best_score") is not None]
+        best_runs: dict[str, dict[str, Any]] = {}
+        for agent in {e["agent"] for e in scored}:
+            best_runs[agent] = pick((e for e in scored if e["agent"] == agent), key=lambda e: e["best_score"])
+        ranked = sorted(best_runs.values(), key=lambda e: e["best_score"], reverse=drawer.higher_is_better)
+        for run in ranked:  # best first
             best_file = Path(run.get("best_state_file", ""))
             state = read_json(best_file).get("state") if best_file.is_file() else None
-            caption = [f"{agent}, seed {run['seed']}: best {_fmt(run['best_score'])}", f"{run['rollouts']} rollouts"]
+            caption = [f"{run['agent']}, seed {run['seed']}: best {_fmt(run['best_score'])}"]
+            caption.append(f"{run['rollouts']} rollouts")
             if isinstance(state, dict):
                 cards.append(_state_card(drawer, state, caption, THUMBNAIL))
             else:
-                cards.append(
-                    f'<div class="card"><p class="note">{_e(best_file)} is missing</p><p>{_e(caption[0])}</p></div>'
-                )
+                cards.append(_note_card(f"{best_file} is missing", caption))
     finally:
         drawer.close()
     return f'<h3>Each agent\'s best state on {_e(env_id)}</h3>{_e(drawer.note)}<div class="row">{"".join(cards)}</div>'

@@ -158,6 +158,8 @@ def test_bench_report_shows_the_leaderboard_and_each_agents_best_state(tmp_path)
     page = write_report(bench).read_text()
     assert "best score (mean ± std)" in page, "the leaderboard table"
     assert "puct, seed 0" in page and "best-of-n, seed 0" in page
+    shown = [float(x) for x in re.findall(r"seed 0: best ([0-9.]+)", page)]
+    assert len(shown) == 2 and shown == sorted(shown), "best first (lower is better on Erdős)"
     assert len(pngs(page)) == 1 + 2, "the leaderboard plot and one best state per agent"
 
 
