@@ -1,5 +1,5 @@
 """`discover`: run an agent on a problem, resume a run, list the envs, benchmark agents, write leaderboards,
-serve a local model over an OpenAI-compatible API.
+write a run's or a bench's HTML report, serve a local model over an OpenAI-compatible API.
 
 Every user error ends the command with one line, `discover <cmd>: error: ...`, naming the flag or file, and
 exit code 2.
@@ -155,6 +155,7 @@ def _run_parser(agent_cls: Any, agents: Iterable[str]) -> Parser:
     parser.add_argument("--agent", choices=sorted(agents), default="ttt", help="which agent (default: ttt)")
     parser.add_argument("--config", type=Path, help="JSON or YAML file of config fields; flags override it")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     add_config_arguments(parser, agent_cls.config_class, skip=("env",))
     return parser
 
@@ -171,9 +172,9 @@ def cmd_run(argv: list[str]) -> int:
     parser = _run_parser(agent_cls, AGENTS)
     parser.set_defaults(**_config_file(argv, parser, agent_cls.config_class))
     args = vars(parser.parse_args(argv))
-    quiet = args.pop("quiet")
+    quiet, report = args.pop("quiet"), not args.pop("no_report")
     del args["agent"], args["config"]
-    return _execute(agent_cls, build_config(agent_cls.config_class, args), resume=False, quiet=quiet)
+    return _execute(agent_cls, build_config(agent_cls.config_class, args), resume=False, quiet=quiet, report=report)
 
 
 def cmd_resume(argv: list[str]) -> int:
@@ -186,10 +187,11 @@ def cmd_resume(argv: list[str]) -> int:
     )
     parser.add_argument("out", metavar="DIR", help="the --out folder of an earlier run")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     for name, kind in RESUME_FLAGS.items():
         parser.add_argument(flag(name), dest=name, type=kind, default=None, help=f"new {name} (default: as saved)")
     args = vars(parser.parse_args(argv))
-    out, quiet = args.pop("out"), args.pop("quiet")
+    out, quiet, report = args.pop("out"), args.pop("quiet"), not args.pop("no_report")
     config_path = Path(out, "config.json")
     RunDir(out).refuse_links([config_path])
     if not config_path.is_file():
@@ -199,16 +201,30 @@ def cmd_resume(argv: list[str]) -> int:
         parser.error(f"{config_path} names the agent {agent!r}, which is not one of {', '.join(sorted(AGENTS))}")
     overrides = {key: value for key, value in args.items() if value is not None}
     config = build_config(type(saved), {**saved.to_dict(), **overrides, "out": out})
-    return _execute(AGENTS[agent], config, resume=True, quiet=quiet)
+    return _execute(AGENTS[agent], config, resume=True, quiet=quiet, report=report)
 
 
-def _execute(agent_cls: Any, config: AgentConfig, resume: bool, quiet: bool) -> int:
+def _execute(agent_cls: Any, config: AgentConfig, resume: bool, quiet: bool, report: bool) -> int:
     result = agent_cls(config).run(progress=not quiet, resume=resume)
     print(
         f"{result.agent} on {result.env}: best score {result.best_score} (reward {result.best_reward:.6g}) "
         f"after {result.rollouts} rollouts, {result.steps} steps, {result.wall_s:.1f} s -> {result.out}"
     )
+    if report:
+        _report("resume" if resume else "run", result.out)
     return 0
+
+
+def _report(command: str, folder: str | Path) -> None:
+    """Write the folder's report.html and name it. The run or bench is saved already, so a failure here is a
+    warning with the command that retries it, not a failed command."""
+    from discover_agent.report import write_report
+
+    try:
+        print(f"report: {write_report(folder)}")
+    except Exception as exc:
+        print(f"discover {command}: warning: report not written ({type(exc).__name__}: {exc}); retry with "
+              f"`discover report {folder}`", file=sys.stderr)  # fmt: skip
 
 
 def cmd_envs(argv: list[str]) -> int:
@@ -257,15 +273,19 @@ def cmd_bench(argv: list[str]) -> int:
     for cls in (GreedyConfig, ESConfig):
         add_config_arguments(parser, cls, skip=shared, suppress=True)
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for the runs")
+    parser.add_argument("--no-report", action="store_true", help="do not write OUT/report.html at the end")
     from_file = _config_file(argv, parser, TTTConfig, GreedyConfig, ESConfig)
     args = vars(parser.parse_args(argv))
     envs, agents, rollouts, seeds, out = (args.pop(k) for k in ("envs", "agents", "rollouts", "seeds", "out"))
     args.pop("config")
+    report = not args.pop("no_report")
     if rollouts < 1:
         parser.error(f"--rollouts must be >= 1, got {rollouts}")
     entries = run_bench(envs, agents, rollouts, seeds, out, {**from_file, **args})
     for e in entries:
         print(f"{e['env']}  {e['agent']:<12} seed {e['seed']}: best {e['best_score']}  ({e['wall_s']} s)")
+    if report:
+        _report("bench", out)
     return 0
 
 
@@ -278,6 +298,20 @@ def cmd_leaderboard(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     for path in write_leaderboards(args.runs, args.write):
         print(path)
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    from discover_agent.report import write_report
+
+    parser = Parser(
+        prog="discover report",
+        description="Write one self-contained HTML page (pictures inlined, no network) of a run or bench folder.",
+    )
+    parser.add_argument("folder", type=Path, help="the --out folder of `discover run` or `discover bench`")
+    parser.add_argument("--out", type=Path, default=None, help="HTML file to write (default: FOLDER/report.html)")
+    args = parser.parse_args(argv)
+    print(write_report(args.folder, args.out))
     return 0
 
 
@@ -309,7 +343,7 @@ def cmd_serve(argv: list[str]) -> int:
 
 COMMANDS = {
     "run": cmd_run, "resume": cmd_resume, "envs": cmd_envs, "bench": cmd_bench, "leaderboard": cmd_leaderboard,
-    "serve": cmd_serve,
+    "report": cmd_report, "serve": cmd_serve,
 }  # fmt: skip
 
 

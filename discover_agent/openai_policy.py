@@ -4,11 +4,15 @@ Stdlib HTTP only. Each prompt's group is one `/v1/chat/completions` request with
 a server returns fewer choices); prompts run in parallel threads. Token ids are not available from such servers,
 so samples carry text and, when the server gives them, per-token log-probs — enough to search, not to train.
 
-With a `ConstructionSpec`, replies are schema-constrained by the server: the standard `response_format`
-json_schema form (OpenAI, vLLM, SGLang, `discover serve`) first, and llama-cpp-python's
-`{"type": "json_object", "schema": ...}` once a server refuses that (it answers HTTP 500 or 400). The latter
-enforces the array's length but not number bounds, so every reply is checked against the spec and the ones
-that break it are counted (`out_of_spec`) and reported in a warning.
+With a `ConstructionSpec`, replies are constrained by the server, in the first of `CONSTRAINT_FORMS` that it
+takes and enforces: the standard `response_format` json_schema (OpenAI, vLLM, SGLang, `discover serve`); a GBNF
+`grammar` built from the spec (`gbnf.construction_grammar`: fence, length, bounds, decimals), which llama.cpp's
+server and llama-cpp-python take; llama-cpp-python's `{"type": "json_object", "schema": ...}`, which enforces the
+length only. A form is dropped for the next one when the server refuses it (HTTP 400, 422 or 500) or when a
+reply breaks it without being cut at max_tokens (the server took the form but does not enforce it, as
+llama.cpp's json_schema does with number bounds). Every reply is checked against the spec; the ones that break
+it are counted (`out_of_spec`) and reported in a warning. `constraint_forms=("grammar",)` configures a server
+known to take grammars.
 
 A hostile or broken endpoint cannot flood the run: an answer over `MAX_RESPONSE_BYTES`, or one that is not a
 completion (JSON nested too deeply, a log-prob that is not a number), is an `EndpointError`; a reply longer than
@@ -28,20 +32,20 @@ from typing import Any
 
 import numpy as np
 
+from discover_agent.gbnf import FENCE, construction_grammar
 from discover_agent.json_schema import construction_schema, out_of_spec
 from discover_agent.policy import Policy, Sample
 from discover_envs.env import MAX_TEXT
-from discover_envs.problem import ConstructionSpec
+from discover_envs.problem import ConstructionSpec, extract_block
 
-__all__ = ["SCHEMA_FORMS", "EndpointError", "OpenAIPolicy", "construction_schema"]
+__all__ = ["CONSTRAINT_FORMS", "EndpointError", "OpenAIPolicy", "construction_schema"]
 
 logger = logging.getLogger(__name__)
 
-#: Replies constrained by a JSON schema hold only the JSON; wrapped like this, the env reads them.
-_JSON_FENCE = ("```json\n", "\n```")
-#: `response_format` forms for a schema, in the order tried: the standard one, then llama-cpp-python's.
-SCHEMA_FORMS = ("json_schema", "json_object")
-#: Status codes with which servers refuse a `response_format` form they do not know.
+#: Ways to ask a server for a construction, in the order tried (see the module docstring). Replies under a JSON
+#: schema hold only the JSON and are wrapped in the grammar's ```json fence, so the env reads every form alike.
+CONSTRAINT_FORMS = ("json_schema", "grammar", "json_object")
+#: Status codes with which servers refuse a constraint form they do not know.
 _REFUSED = (400, 422, 500)
 #: Largest answer read, in bytes (64 replies of 8,192 tokens with log-probs take ~60 MB); more is an error.
 MAX_RESPONSE_BYTES = 256 * 2**20
@@ -56,13 +60,21 @@ class EndpointError(RuntimeError):
 
 
 def response_format(spec: ConstructionSpec, form: str) -> dict[str, Any]:
-    """The `response_format` asking for a construction of `spec`, in one of `SCHEMA_FORMS`."""
+    """The `response_format` asking for a construction of `spec` as a JSON schema ("json_schema" or
+    llama-cpp-python's "json_object")."""
     schema = construction_schema(spec)
     if form == "json_schema":
         return {"type": "json_schema", "json_schema": {"name": "construction", "schema": schema, "strict": True}}
     if form == "json_object":
         return {"type": "json_object", "schema": schema}
-    raise ValueError(f"unknown schema form {form!r}; choose from {SCHEMA_FORMS}")
+    raise ValueError(f"unknown schema form {form!r}; choose json_schema or json_object")
+
+
+def constraint_fields(spec: ConstructionSpec, form: str) -> dict[str, Any]:
+    """The request fields asking for a construction of `spec` in one of `CONSTRAINT_FORMS`."""
+    if form == "grammar":
+        return {"grammar": construction_grammar(spec)}
+    return {"response_format": response_format(spec, form)}
 
 
 def _chat_url(base_url: str) -> str:
@@ -89,11 +101,15 @@ class OpenAIPolicy(Policy):
         logprobs: bool = True,
         timeout_s: float = 600.0,
         max_workers: int = 4,
+        constraint_forms: tuple[str, ...] = CONSTRAINT_FORMS,
     ) -> None:
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
         if max_tokens < 1 or max_workers < 1:
             raise ValueError(f"max_tokens and max_workers must be >= 1, got {max_tokens!r}, {max_workers!r}")
+        unknown = [form for form in constraint_forms if form not in CONSTRAINT_FORMS]
+        if unknown or not constraint_forms:
+            raise ValueError(f"constraint_forms must be some of {CONSTRAINT_FORMS}, got {constraint_forms!r}")
         self.url = _chat_url(base_url)
         self.model = model
         self.api_key = api_key
@@ -104,18 +120,25 @@ class OpenAIPolicy(Policy):
         self.timeout_s = timeout_s
         self.max_workers = max_workers
         self._calls = 0
-        #: The `response_format` form this server took (None until the first constrained request).
-        self.schema_form: str | None = None
+        #: The constraint forms still to try, the one in use first (see the module docstring).
+        self.forms = list(constraint_forms)
         #: Constrained replies so far, and how many of them broke the spec (the server did not enforce it).
         self.constrained = 0
         self.out_of_spec = 0
         #: Replies longer than `MAX_TEXT` characters, cut to `MAX_TEXT` + 1.
         self.cut = 0
+        #: Forms the server has answered in: a later refusal is a real error, not "unknown form".
+        self._answered: set[str] = set()
         self._lock = threading.Lock()
 
     def reseed(self, seed: int) -> None:
         """Restart the per-request seeds from `seed` (agents reseed every step from the run seed and step)."""
         self.seed, self._calls = seed, 0
+
+    @property
+    def schema_form(self) -> str:
+        """The constraint form in use, or next to try: one of `CONSTRAINT_FORMS` (the name predates grammars)."""
+        return self.forms[0]
 
     def sample(self, prompts: list[str], n: int, constraint_spec: ConstructionSpec | None = None) -> list[list[Sample]]:
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -125,7 +148,7 @@ class OpenAIPolicy(Policy):
         call = self._calls
         self._calls += 1
         broken, cut = self.out_of_spec, self.cut
-        if constraint_spec is not None and self.schema_form is None:
+        if constraint_spec is not None and not self._answered:
             # Learn the server's form on the first prompt alone, so parallel requests do not all get refused.
             first = [self._group(prompts[0], n, constraint_spec, (call, 0))]
             rest = list(enumerate(prompts))[1:]
@@ -136,8 +159,8 @@ class OpenAIPolicy(Policy):
             groups = first + [f.result() for f in futures]
         if self.out_of_spec > broken:
             logger.warning(
-                "%d of %d replies from %s broke the construction schema (response_format %s was not enforced, "
-                "or replies hit max_tokens); %d of %d so far",
+                "%d of %d replies from %s broke the construction spec (the %s constraint was not enforced, or "
+                "replies hit max_tokens); %d of %d so far",
                 self.out_of_spec - broken, len(prompts) * n, self.url, self.schema_form, self.out_of_spec,
                 self.constrained,
             )  # fmt: skip
@@ -165,29 +188,42 @@ class OpenAIPolicy(Policy):
                 # A distinct seed per request: a server that ignores `n` must not return one reply n times.
                 seed_seq = np.random.SeedSequence([self.seed, *key, len(samples)])
                 payload["seed"] = int(seed_seq.generate_state(1)[0] >> 1)
-            answer = self._post_constrained(payload, spec) if spec is not None else self._post(payload)
+            answer, form = self._post_constrained(payload, spec) if spec is not None else (self._post(payload), None)
             choices = answer.get("choices")
             if not isinstance(choices, list) or not choices:
                 raise EndpointError(f"{self.url} answered without any choices")
-            samples.extend(self._sample(c, spec) for c in choices[: n - len(samples)])
+            samples.extend(self._sample(c, spec, form) for c in choices[: n - len(samples)])
         return samples
 
-    def _post_constrained(self, payload: dict[str, Any], spec: ConstructionSpec) -> dict[str, Any]:
-        """POST with the schema in the server's form; if the first request refuses the standard form, the
-        llama-cpp-python form is tried and, if taken, kept for every later request."""
-        form = self.schema_form or SCHEMA_FORMS[0]
-        try:
-            answer = self._post({**payload, "response_format": response_format(spec, form)})
-        except EndpointError as exc:
-            if self.schema_form is not None or exc.status not in _REFUSED:
-                raise
-            form = SCHEMA_FORMS[1]
-            logger.warning("%s refused response_format json_schema (%s); trying %s", self.url, exc, form)
-            answer = self._post({**payload, "response_format": response_format(spec, form)})
-        self.schema_form = form
-        return answer
+    def _post_constrained(self, payload: dict[str, Any], spec: ConstructionSpec) -> tuple[dict[str, Any], str]:
+        """(answer, form) of a POST in the form in use; a form the server refuses before it ever answered in it
+        is dropped for the next one."""
+        while True:
+            form = self.schema_form
+            fields = constraint_fields(spec, form)
+            if form == "grammar":  # the server writes the fence too
+                fields["max_tokens"] = payload["max_tokens"] + len("".join(FENCE))
+            try:
+                answer = self._post({**payload, **fields})
+            except EndpointError as exc:
+                if form in self._answered or exc.status not in _REFUSED or not self._drop(form, f"refused it ({exc})"):
+                    raise
+                continue
+            self._answered.add(form)
+            return answer, form
 
-    def _sample(self, choice: Any, spec: ConstructionSpec | None) -> Sample:
+    def _drop(self, form: str, why: str) -> bool:
+        """Move on from `form` to the next constraint form; False when it is the last one."""
+        with self._lock:
+            if form != self.forms[0]:
+                return True  # another request dropped it already
+            if len(self.forms) == 1:
+                return False
+            self.forms.pop(0)
+            logger.warning("%s %s: constraint form %s dropped, trying %s", self.url, why, form, self.forms[0])
+            return True
+
+    def _sample(self, choice: Any, spec: ConstructionSpec | None, form: str | None) -> Sample:
         try:
             content = choice["message"]["content"]
         except (KeyError, TypeError):
@@ -199,9 +235,10 @@ class OpenAIPolicy(Policy):
             with self._lock:
                 self.cut += 1
         text = content
-        if spec is not None:
-            text = _JSON_FENCE[0] + content.strip() + _JSON_FENCE[1]
-            self._count(content, spec)
+        if spec is not None and form is not None:
+            if form != "grammar":  # a JSON schema's reply is the bare JSON
+                text = FENCE[0] + content.strip() + FENCE[1]
+            self._count(text, spec, form, cut=choice.get("finish_reason") == "length")
         return Sample(text=text, prompt_ids=[], completion_ids=[], logprobs=self._logprobs(choice),
                       temperature=self.temperature)  # fmt: skip
 
@@ -216,14 +253,19 @@ class OpenAIPolicy(Policy):
         except (TypeError, ValueError):
             raise EndpointError(f"{self.url} answered a logprob that is not a number") from None
 
-    def _count(self, content: str, spec: ConstructionSpec) -> None:
+    def _count(self, text: str, spec: ConstructionSpec, form: str, cut: bool) -> None:
+        """Count a constrained reply, and drop its form if the reply shows the server does not enforce it."""
+        block = extract_block(text, ("json",))
         try:
-            broken = out_of_spec(json.loads(content), spec)
+            broken = block is None or out_of_spec(json.loads(block[1]), spec)
         except (json.JSONDecodeError, RecursionError):
             broken = True
         with self._lock:
             self.constrained += 1
             self.out_of_spec += broken
+        unfenced = form == "grammar" and not (text.startswith(FENCE[0]) and text.endswith(FENCE[1]))
+        if (broken or unfenced) and not cut:
+            self._drop(form, "sent a reply that breaks it")
 
     def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}

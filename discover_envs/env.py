@@ -13,8 +13,10 @@ import string
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 from gymnasium import spaces
 
+from discover_envs.drawing import state_image
 from discover_envs.problem import Evaluation, InvalidSolution, InvalidState, Problem
 from discover_envs.sandbox import IsolationUnavailable, allow_unsafe_no_isolation, isolation_report, recorded_modes
 from discover_envs.state import STATE_KEYS, content_id, make_state
@@ -53,13 +55,16 @@ class DiscoverEnv(gym.Env[str, str]):
     `published`, the literature's figures for the problem as (who, value) pairs (context for leaderboards), and
     `kl_coef`, the paper's lambda of the KL penalty for the task (TTT's default).
     A valid step's `info["copy"]` says whether the reply only restated its start state (`Problem.is_copy`).
-    `render_mode="ansi"`: `render()` returns the current state as text.
+    `render_mode="ansi"`: `render()` returns the current state as the prompt shows it; `"rgb_array"`: a
+    picture of it (H x W x 3 uint8) drawn by the problem's `draw` (a step function, a packing, per-case scores).
+    The current state is the episode's start state; a step's result is `info["next_state"]`, which
+    `reset(options={"state": ...})` makes current.
     `unsafe_no_isolation=True` lets candidate code run without a namespace sandbox where bubblewrap cannot
     (a root parent refuses otherwise; see `discover_envs.sandbox`); it holds for the whole process.
     """
 
     #: render_fps: Gymnasium's checker asks for one; a text env renders once per step.
-    metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 1}  # noqa: RUF012 - Gymnasium's convention
+    metadata: dict[str, Any] = {"render_modes": ["ansi", "rgb_array"], "render_fps": 1}  # noqa: RUF012 - Gymnasium's convention
 
     def __init__(self, problem: str | type[Problem], render_mode: str | None = None, **problem_kwargs: Any) -> None:
         if render_mode not in (None, *self.metadata["render_modes"]):
@@ -90,12 +95,14 @@ class DiscoverEnv(gym.Env[str, str]):
         """Shape of a construction (kind, lengths, bounds, arity), or None for code-only tasks."""
         return getattr(self.problem, "construction_spec", None)
 
-    def render(self) -> str | None:
-        """The current state as the prompt shows it (`render_mode="ansi"`); None without a render mode."""
+    def render(self) -> str | np.ndarray | None:
+        """The current state as text ("ansi") or as an RGB image ("rgb_array"); None without a render mode."""
         if self.render_mode is None:
             return None
         if self.state is None:
             raise RuntimeError("call reset() before render()")
+        if self.render_mode == "rgb_array":
+            return state_image(self.problem, self.state)
         return self.problem.render_state(self.state)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:

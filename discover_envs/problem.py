@@ -12,12 +12,15 @@ import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
 from discover_envs.sandbox import SandboxLimits, run_function
 from discover_envs.state import make_state
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "ConstructionProblem",
@@ -141,6 +144,8 @@ class Problem(ABC):
     #: Relative tolerance when `reset` compares a restart state's score with `rescore`. Deterministic float64
     #: verifiers leave room only for JSON rounding; tasks whose score depends on BLAS threading loosen it.
     score_rtol: ClassVar[float] = 1e-12
+    #: Size in inches (100 pixels an inch) of the figure `draw` fills.
+    draw_size: ClassVar[tuple[float, float]] = (6.4, 4.8)
 
     def __init__(self, *, timeout_s: float = 60.0, memory_mb: int = 4096) -> None:
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
@@ -189,6 +194,14 @@ class Problem(ABC):
     def is_copy(self, parent: dict[str, Any], child: dict[str, Any]) -> bool:
         """Whether `child` only restates `parent` (a diagnostic of the agent, not a rule): same content."""
         return child["id"] == parent["id"]
+
+    def draw(self, state: dict[str, Any], fig: Figure) -> None:
+        """Draw `state` on the empty matplotlib figure `fig` (`render_mode="rgb_array"`, `discover report`).
+        The default is a card with the score and the head of the code; a problem whose states have a picture
+        (a step function, a packing, per-case scores) overrides it. Drawing is for people: it never scores."""
+        from discover_envs.drawing import text_card
+
+        text_card(fig, self.title, [f"{getattr(self, 'figure', 'score')}: {state['score']:.10g}"], state.get("code"))
 
     def pinned_kwargs(self) -> dict[str, Any]:
         """Constructor arguments this instance drew itself (e.g. a secret seed) that another instance needs to
@@ -350,6 +363,27 @@ class ConstructionProblem(Problem):
         parts.append(f"Construction:\n{text}")
         parts.append(MEANINGFUL_IMPROVEMENT)
         return "\n\n".join(parts)
+
+    def drawable(self, state: dict[str, Any]) -> tuple[np.ndarray, str | None]:
+        """(construction as the verifier sees it, None), or (the raw numbers, why they are invalid) so a
+        drawing can still show and mark a broken construction."""
+        try:
+            return self.validate(state["construction"]), None
+        except InvalidSolution as exc:
+            return np.asarray(state["construction"], dtype=np.float64), str(exc)
+
+    def draw(self, state: dict[str, Any], fig: Figure) -> None:
+        """The construction's numbers by index (one line per coordinate for tuples), titled with the score."""
+        values, error = self.drawable(state)
+        ax = fig.add_subplot()
+        if values.ndim == 1:
+            ax.stairs(values, np.arange(values.size + 1), fill=True, alpha=0.5)
+        else:
+            for column in range(values.shape[1]):
+                ax.plot(values[:, column], marker=".", label=f"coordinate {column}")
+            ax.legend()
+        ax.set(xlabel="element", ylabel="value")
+        ax.set_title(error or f"{self.figure}: {state['score']:.10g}", fontsize=10)
 
     def output_rules(self) -> str:
         """How to answer; construction problems share it so every prompt reads the same."""

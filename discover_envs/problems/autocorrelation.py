@@ -122,6 +122,35 @@ class _Autocorrelation(ConstructionProblem):
             raise InvalidSolution("the heights sum to 0; at least one height must be positive")
         return heights
 
+    draw_size: ClassVar[tuple[float, float]] = (10.0, 4.0)
+    #: Where `draw` puts the step function on the x axis.
+    support: ClassVar[tuple[float, float]] = (-0.25, 0.25)
+
+    def draw(self, state: dict[str, Any], fig: Any) -> None:
+        """The step function (left) and its autoconvolution f*f, piecewise linear through its nodes, scaled
+        so that the figure of the problem reads off it (right)."""
+        heights, error = self.drawable(state)
+        a = self.normalised(heights)
+        ax_f, ax_c = fig.subplots(1, 2)
+        edges = np.linspace(*self.support, a.size + 1)
+        ax_f.stairs(a, edges, fill=True, alpha=0.35)
+        ax_f.stairs(a, edges, color="C0")
+        ax_f.set(xlabel="x", ylabel="f(x) / max f")
+        ax_f.set_title(f"f: {a.size} steps" if error is None else f"invalid: {error}"[:90], fontsize=10)
+        full, peak = convolve_exact_max(a, a)
+        y = np.concatenate([[0.0], full, [0.0]])
+        t = np.linspace(2 * self.support[0], 2 * self.support[1], y.size)
+        scale, label = self.autoconvolution_view(a, peak)
+        ax_c.plot(t, y * scale, color="C0")
+        ax_c.axhline(peak * scale, color="C3", linestyle="--")
+        ax_c.set(xlabel="t", ylabel=label)
+        figure = self.figure.split(" (")[0]
+        ax_c.set_title(f"f*f: {figure} {self.score(heights):.7f}" if error is None else "f*f", fontsize=10)
+
+    def autoconvolution_view(self, a: np.ndarray, peak: float) -> tuple[float, str]:
+        """(factor on the autoconvolution's nodes, y label) for `draw`."""
+        return 1.0 / peak, "(f*f)(t) / max"
+
     @staticmethod
     def normalised(heights: np.ndarray) -> np.ndarray:
         """Heights scaled to max 1: both figures are scale-free, and this rules out overflow and underflow."""
@@ -183,6 +212,10 @@ class FirstAutocorrelation(_Autocorrelation):
             "Best known: 1.5028629 (30,000 steps).\n\n" + self.output_rules()
         )
 
+    def autoconvolution_view(self, a: np.ndarray, peak: float) -> tuple[float, str]:
+        """f*f / (∫f)², whose maximum is the bound (dashed)."""
+        return 2.0 * a.size / a.sum() ** 2, "(f*f)(t) / (∫f)²"
+
     def score(self, construction: np.ndarray) -> float:
         a = self.normalised(construction)
         _, peak = convolve_exact_max(a, a)
@@ -233,6 +266,7 @@ class SecondAutocorrelation(_Autocorrelation):
         ("TTT-Discover", 0.9591798),
         ("AlphaEvolve V2", 0.9610211),
     )
+    support: ClassVar[tuple[float, float]] = (0.0, 0.5)
 
     def statement(self) -> str:
         return (

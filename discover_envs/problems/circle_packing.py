@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -65,6 +65,7 @@ class CirclePacking(ConstructionProblem):
     higher_is_better: ClassVar[bool] = True
     failure_reward: ClassVar[float] = -1.0
     figure: ClassVar[str] = "sum of radii (higher is better)"
+    draw_size: ClassVar[tuple[float, float]] = (5.5, 5.5)
 
     def __init__(self, *, n: int, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -104,6 +105,32 @@ class CirclePacking(ConstructionProblem):
 
     def score(self, construction: np.ndarray) -> float:
         return math.fsum(construction[:, 2].tolist())
+
+    def draw(self, state: dict[str, Any], fig: Any) -> None:
+        """The circles in the unit square; circles that leave the square or overlap another are red, and each
+        overlapping pair is joined by a red line (float64 test: near-tangent pairs count as touching)."""
+        from matplotlib.patches import Circle, Rectangle
+
+        circles = np.asarray(state["construction"], dtype=np.float64).reshape(-1, 3)
+        x, y, r = circles.T
+        outside = (x < r) | (x + r > 1.0) | (y < r) | (y + r > 1.0)
+        i, j = np.triu_indices(len(circles), k=1)
+        d2, s2 = (x[i] - x[j]) ** 2 + (y[i] - y[j]) ** 2, (r[i] + r[j]) ** 2
+        overlapping = d2 - s2 < -(PAIR_REL_ERROR * (d2 + s2) + PAIR_ABS_ERROR)
+        bad = outside.copy()
+        bad[i[overlapping]] = bad[j[overlapping]] = True
+        ax = fig.add_subplot()
+        ax.add_patch(Rectangle((0.0, 0.0), 1.0, 1.0, fill=False, linewidth=1.5))
+        for (cx, cy, radius), red in zip(circles, bad, strict=True):
+            colour = "C3" if red else "C0"
+            ax.add_patch(Circle((cx, cy), radius, facecolor=colour, edgecolor=colour, alpha=0.35, linewidth=1))
+        for a, b in zip(i[overlapping], j[overlapping], strict=True):
+            ax.plot([x[a], x[b]], [y[a], y[b]], color="C3", linewidth=1)
+        ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal")
+        problems = [f"{int(overlapping.sum())} overlapping pairs"] if overlapping.any() else []
+        problems += [f"{int(outside.sum())} circles outside"] if outside.any() else []
+        title = f"{len(circles)} circles, sum of radii {math.fsum(r.tolist()):.7f}"
+        ax.set_title(title + (f" ({', '.join(problems)}, red)" if problems else ""), fontsize=10)
 
 
 def _check_inside(circles: np.ndarray) -> None:

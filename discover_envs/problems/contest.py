@@ -371,6 +371,32 @@ class ContestProblem(Problem):
                 raise InvalidState(f"state result for {self.label(k)} is invalid: {exc}") from None
         return float(np.mean(scores))
 
+    def draw(self, state: dict[str, Any], fig: Any) -> None:
+        """The score of every test case, re-judged from the state's stored outputs (failed cases red, 0)."""
+        construction = state.get("construction") or {}
+        outputs = construction.get(self.output_key)
+        if construction.get("cases") != self.cases or not isinstance(outputs, list):
+            super().draw(state, fig)  # scored on other cases: only the card
+            return
+        scores, failed = [], []
+        for k, stored in enumerate(outputs):
+            try:
+                scores.append(0 if stored is None else self.rejudge(stored, self.case(k)[1]))
+                failed.append(stored is None)
+            except InvalidSolution:
+                scores.append(0)
+                failed.append(True)
+        ax = fig.add_subplot()
+        labels = [self.label(k) for k in range(len(self.cases))]
+        ax.bar(range(len(scores)), scores, color=["C3" if f else "C0" for f in failed])
+        ax.axhline(float(np.mean(scores)), color="black", linestyle="--", label=f"mean {np.mean(scores):.6g}")
+        bad = [k for k, f in enumerate(failed) if f]
+        ax.plot(bad, [0] * len(bad), "X", color="C3", markersize=12, clip_on=False)  # a 0 bar is invisible
+        ax.set_xticks(range(len(scores)), labels, rotation=90 if len(scores) > 10 else 0, fontsize=7)
+        ax.set(ylabel="case score")
+        ax.set_title(f"{self.title}: score per test case (red: failed)", fontsize=10)
+        ax.legend()
+
     def render_state(self, state: dict[str, Any]) -> str:
         construction = state["construction"]
         failed = sum(o is None for o in construction[self.output_key])

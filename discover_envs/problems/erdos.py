@@ -56,6 +56,7 @@ class ErdosMinOverlap(ConstructionProblem):
         ("AlphaEvolve", 0.3809230),
         ("TTT-Discover", 0.3808753),
     )
+    draw_size: ClassVar[tuple[float, float]] = (10.0, 4.0)
 
     def __init__(self, *, n: int | None = None, start_n: int = 50, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -95,3 +96,22 @@ class ErdosMinOverlap(ConstructionProblem):
         h = construction
         _, overlap = convolve_exact_max(h, (1.0 - h)[::-1])
         return float(overlap * 2.0 / h.size)
+
+    def draw(self, state: dict[str, Any], fig: Any) -> None:
+        """h on its grid of [0, 2] (left) and the overlap at every shift k, whose maximum is the bound (right)."""
+        h, error = self.drawable(state)
+        n = h.size
+        ax_h, ax_m = fig.subplots(1, 2)
+        edges = np.linspace(0.0, 2.0, n + 1)
+        ax_h.stairs(h, edges, fill=True, alpha=0.35)
+        ax_h.stairs(h, edges, color="C0")
+        ax_h.set(xlabel="x", ylabel="h(x)", xlim=(0.0, 2.0), ylim=(0.0, max(1.05, float(h.max()) * 1.05)))
+        ax_h.set_title(f"h, {n} steps on [0, 2]" if error is None else f"invalid: {error}"[:90], fontsize=10)
+        full, peak = convolve_exact_max(h, (1.0 - h)[::-1])
+        shifts = (np.arange(full.size) - (n - 1)) * 2.0 / n
+        ax_m.plot(shifts, full * 2.0 / n, color="C0")
+        bound = peak * 2.0 / n
+        ax_m.axhline(bound, color="C3", linestyle="--")
+        ax_m.plot(shifts[int(np.argmax(full))], bound, "o", color="C3")
+        ax_m.set(xlabel="shift k", ylabel="∫ h(x)(1 - h(x + k)) dx")
+        ax_m.set_title(f"overlap by shift, max: C5 <= {bound:.7f}", fontsize=10)
