@@ -22,19 +22,9 @@ from gymnasium.utils.env_checker import check_env
 import discover_envs  # noqa: F401 - registers the ids
 from discover_envs import sandbox
 from discover_envs.problem import InvalidSolution, InvalidState
-from discover_envs.problems import trimul
-from discover_envs.problems.trimul import (
-    BASELINE_CODE,
-    CPU_SHAPES,
-    CUDA_SHAPES,
-    CUDA_TEST_SHAPES,
-    TASK_MODULE,
-    TriMul,
-    Worker,
-    check_output,
-    make_inputs,
-    reference_trimul,
-)
+from discover_envs.problems import trimul_clock
+from discover_envs.problems.trimul import BASELINE_CODE, CPU_SHAPES, CUDA_SHAPES, CUDA_TEST_SHAPES, TriMul
+from discover_envs.problems.trimul_clock import TASK_MODULE, Worker, check_output, make_inputs, reference_trimul
 
 DATA = Path(__file__).parent / "data" / "trimul"
 GPU_CHECK = Path(__file__).parent.parent / "scripts" / "trimul_gpu_check.py"
@@ -260,7 +250,7 @@ def test_check_output_names_the_worst_element():
 
 
 def test_check_output_in_chunks_finds_what_a_whole_comparison_finds(monkeypatch):
-    monkeypatch.setattr(trimul, "CHECK_CHUNK", 5)
+    monkeypatch.setattr(trimul_clock, "CHECK_CHUNK", 5)
     expected = np.ones((2, 3, 3, 2))
     out = expected.astype(np.float32).copy()
     out[0, 0, 0, 1] += 0.03  # chunk 0: beyond the tolerance (0.02 + 0.02), but not the worst
@@ -503,8 +493,8 @@ def test_invalid_step_reports_the_error_and_failure_reward(env):
 
 
 def test_worker_program_is_built_from_this_module():
-    source = trimul.worker_source()
-    compile(source, trimul.WORKER_FILE, "exec")
+    source = trimul_clock.worker_source()
+    compile(source, trimul_clock.WORKER_FILE, "exec")
     assert "def serve(" in source and "def make_inputs(" in source and "reference_trimul" not in source
 
 
