@@ -289,7 +289,7 @@ class PUCTSampler(Sampler):
         prior = weights / weights.sum()
         bonus = self.c * self._scale() * math.sqrt(1 + self._total)
         return {
-            sid: float(self._best_child.get(sid, s["reward"])) + bonus * float(p) / (1 + self._visits.get(sid, 0))
+            sid: self._best_child.get(sid, float(s["reward"])) + bonus * float(p) / (1 + self._visits.get(sid, 0))
             for (sid, s), p in zip(self._buffer.items(), prior, strict=True)
         }
 

@@ -160,7 +160,7 @@ def _parse(body: bytes) -> ChatRequest:
         data = json.loads(body, parse_constant=_refuse_constant)
         json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") fails here
     except UnicodeError as exc:
-        raise _BadRequest(f"the request is not valid Unicode text ({exc.reason})") from None
+        raise _BadRequest(f"the request is not valid Unicode text ({getattr(exc, 'reason', exc)})") from None
     except ValueError as exc:
         raise _BadRequest(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -168,9 +168,9 @@ def _parse(body: bytes) -> ChatRequest:
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise _BadRequest(f"invalid request: {where}: {first.get('msg', exc)}") from None
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+        raise _BadRequest(f"invalid request: {where}: {errors[0]['msg'] if errors else exc}") from None
 
 
 def _constraint_spec(response_format: dict[str, Any] | None) -> ConstructionSpec | None:
@@ -246,8 +246,8 @@ def create_app(
             tokens = len(policy.tokenizer(prompt, add_special_tokens=False)["input_ids"])
             if tokens > max_prompt_tokens:
                 raise _BadRequest(f"the prompt has {tokens} tokens; this server takes at most {max_prompt_tokens}")
-            settings = {"temperature": max(request.temperature, GREEDY_TEMPERATURE), "max_new_tokens": limit}
-            policy.config = dataclasses.replace(policy.config, **settings)
+            temperature = max(request.temperature, GREEDY_TEMPERATURE)
+            policy.config = dataclasses.replace(policy.config, temperature=temperature, max_new_tokens=limit)
             if spec is not None:
                 try:
                     policy.constraint(spec)

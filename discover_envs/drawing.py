@@ -37,7 +37,7 @@ def new_figure(size: tuple[float, float]) -> Figure:
 def figure_rgb(fig: Figure) -> np.ndarray:
     """The figure as an H x W x 3 uint8 array (what Gymnasium's `rgb_array` mode returns)."""
     fig.canvas.draw()
-    return np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[:, :, :3])
+    return np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[:, :, :3])  # type: ignore[attr-defined]  # Agg
 
 
 def figure_png(fig: Figure, dpi: float = DPI) -> bytes:

@@ -170,8 +170,8 @@ def _check_disjoint(circles: np.ndarray) -> None:
         overlapping[k] = _exact_margin(circles[i[k]], circles[j[k]]) < 0
     bad = np.flatnonzero(overlapping)
     if bad.size:
-        k = int(bad[0])
-        a, b = int(i[k]), int(j[k])
+        first = int(bad[0])
+        a, b = int(i[first]), int(j[first])
         gap = _exact_margin(circles[a], circles[b])
         raise InvalidSolution(
             f"circles {a} and {b} overlap: centre distance {math.sqrt(d2[k]):.17g} < r{a} + r{b} = "

@@ -416,6 +416,7 @@ class TriMul(Problem):
             raise ValueError(f"TriMul score must be a positive time, got {score!r}")
         if self.reference_us is None:
             self._measure_baseline()
+        assert self.reference_us is not None  # `_measure_baseline` sets it
         return self.reference_us / float(score)
 
     def evaluate(self, reply: str, state: dict[str, Any]) -> Evaluation:

@@ -202,7 +202,7 @@ def check_output(out: np.ndarray, expected: np.ndarray, atol: float, rtol: float
             most, where = float(excess[k]), start + k
     if where is not None:
         index = np.unravel_index(where, out.shape)
-        at = tuple(int(i) for i in index)
+        at: tuple[int, ...] = tuple(int(i) for i in index)
         return (
             f"max |out - ref| = {worst:.4g}; at index {at} out = {float(out[index]):.6g}, ref = "
             f"{float(expected[index]):.6g}, beyond atol + rtol*|ref| (atol = {atol:g}, rtol = {rtol:g})"
@@ -268,6 +268,7 @@ class Worker:
     def call(self, index: int, seed: int, shape: tuple[int, ...], deadline: float) -> tuple[np.ndarray, float, float]:
         """(output, wall seconds, CPU seconds or nan) of one call on fresh inputs drawn from `seed`."""
         request = json.dumps({"shape": index, "seed": seed}).encode()
+        assert self.conn is not None, "call() before the worker connected"
         cpu = self._cpu_s()
         start = time.perf_counter()
         self.conn.sendall(struct.pack("<II", len(request), 0) + request)
@@ -308,6 +309,7 @@ class Worker:
     def _read(self, size: int, deadline: float) -> bytes:
         buffer = bytearray(size)
         view, got = memoryview(buffer), 0
+        assert self.conn is not None, "a read before the worker connected"
         while got < size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
