@@ -240,7 +240,7 @@ def create_app(
                 raise _ClientGone
             messages = [{"role": m.role, "content": m.text()} for m in request.messages]
             try:
-                prompt = policy.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                prompt = str(policy.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
             except TemplateError as exc:  # e.g. templates that require alternating user/assistant roles
                 raise _BadRequest(f"the model's chat template refused these messages: {exc}") from None
             tokens = len(policy.tokenizer(prompt, add_special_tokens=False)["input_ids"])

@@ -201,11 +201,10 @@ def check_output(out: np.ndarray, expected: np.ndarray, atol: float, rtol: float
         if excess[k] > most:
             most, where = float(excess[k]), start + k
     if where is not None:
-        index = np.unravel_index(where, out.shape)
-        at: tuple[int, ...] = tuple(int(i) for i in index)
+        at = tuple(int(i) for i in np.unravel_index(where, out.shape))
         return (
-            f"max |out - ref| = {worst:.4g}; at index {at} out = {float(out[index]):.6g}, ref = "
-            f"{float(expected[index]):.6g}, beyond atol + rtol*|ref| (atol = {atol:g}, rtol = {rtol:g})"
+            f"max |out - ref| = {worst:.4g}; at index {at} out = {float(out[at]):.6g}, ref = "
+            f"{float(expected[at]):.6g}, beyond atol + rtol*|ref| (atol = {atol:g}, rtol = {rtol:g})"
         ), worst
     return None, worst
 
