@@ -243,6 +243,23 @@ def _csv(text: str) -> list[str]:
     return items
 
 
+def _agent_list(text: str) -> list[str]:
+    """Comma-separated agent specs; commas inside an agent's brackets (`es[groups=1,group_size=1]`) stay in it."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text + ","):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0:
+            raise argparse.ArgumentTypeError(f"unbalanced ']' in {text!r}")
+        if char == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    if depth:
+        raise argparse.ArgumentTypeError(f"unclosed '[' in {text!r}")
+    if not any(items):
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return [item for item in items if item]
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in _csv(text)]
@@ -259,7 +276,7 @@ def cmd_bench(argv: list[str]) -> int:
     parser = Parser(prog="discover bench", description="Run every (env, agent, seed) at the same rollout budget.")
     parser.add_argument("--envs", type=_csv, required=True, help="comma-separated env ids")
     parser.add_argument(
-        "--agents", type=_csv, default=["ttt", "best-of-n", "puct"],
+        "--agents", type=_agent_list, default=["ttt", "best-of-n", "puct"],
         help="comma-separated: ttt, best-of-n, puct, greedy, random-search, es, openevolve, module:Class, "
         "openai:MODEL@URL; NAME[key=value,...] sets that agent's own fields",
     )  # fmt: skip

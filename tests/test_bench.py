@@ -135,6 +135,20 @@ def test_bench_runs_the_calibration_agents_with_their_own_step_shape(tmp_path):
         assert e["env_kwargs"] == {"n": 3}
 
 
+def test_bench_command_line_keeps_commas_inside_an_agents_brackets(tmp_path, capsys, monkeypatch):
+    """`es[groups=1,group_size=1]` is one agent (a (1+1)-ES), not "es[groups=1" and "group_size=1]"."""
+    import discover_agent.bench as bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda envs, agents, *rest, **kw: seen.setdefault("agents", agents) and [])
+    argv = ["bench", "--envs", ENV, "--agents", "random-search, es[groups=1,group_size=1],ttt[lr=1e-3]"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    assert seen["agents"] == ["random-search", "es[groups=1,group_size=1]", "ttt[lr=1e-3]"]
+    for bad in ("es[groups=1", "es]", ""):
+        with pytest.raises(SystemExit):
+            main(["bench", "--envs", ENV, "--agents", bad, "--out", str(tmp_path)])
+
+
 def test_leaderboard_of_an_empty_folder_says_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="discover bench"):
         write_leaderboards(tmp_path, tmp_path / "lb")
