@@ -16,26 +16,30 @@ from scipy import stats
 
 
 def plot_progress(rollouts: list[dict[str, Any]], path: Path, title: str, score_name: str) -> None:
-    """Best valid score so far per step (left) and every reply's reward per step (right)."""
+    """Best valid score so far per step (left) and every reply's reward per step (right); rows are grouped by
+    step once, so a long run (800 one-reply steps) plots in time linear in its rows."""
     fig, (ax_best, ax_reward) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    steps = sorted({row["step"] for row in rollouts})
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for row in rollouts:
+        by_step.setdefault(row["step"], []).append(row)
+    steps = sorted(by_step)
     best_curve, best = [], None
+    xs, ys, colors = [], [], []
     for step in steps:
-        scores = [r["score"] for r in rollouts if r["step"] == step and r["valid"]]
-        rewards = [r["reward"] for r in rollouts if r["step"] == step and r["valid"]]
-        if scores:
-            pick = scores[int(np.argmax(rewards))]
-            if best is None or max(rewards) > best[0]:
-                best = (max(rewards), pick)
+        rows = by_step[step]
+        valid = [r for r in rows if r["valid"]]
+        if valid:
+            top = max(valid, key=lambda r: r["reward"])
+            if best is None or top["reward"] > best[0]:
+                best = (top["reward"], top["score"])
         best_curve.append(np.nan if best is None else best[1])
-    ax_best.plot(steps, best_curve, marker="o")
+        jitter = np.linspace(-0.2, 0.2, len(rows)) if len(rows) > 1 else [0.0]
+        xs.extend(np.asarray(jitter) + step)
+        ys.extend(r["reward"] for r in rows)
+        colors.extend("tab:blue" if r["valid"] else "tab:red" for r in rows)
+    ax_best.plot(steps, best_curve, marker="o" if len(steps) <= 100 else None)
     ax_best.set(xlabel="step", ylabel=score_name, title="best valid score so far")
-    for step in steps:
-        rewards = [r["reward"] for r in rollouts if r["step"] == step]
-        valid = [r["valid"] for r in rollouts if r["step"] == step]
-        jitter = np.linspace(-0.2, 0.2, len(rewards)) if len(rewards) > 1 else [0.0]
-        colors = ["tab:blue" if v else "tab:red" for v in valid]
-        ax_reward.scatter(np.asarray(jitter) + step, rewards, s=12, c=colors, alpha=0.7)
+    ax_reward.scatter(xs, ys, s=12, c=colors, alpha=0.7)
     ax_reward.set(xlabel="step", ylabel="reward", title="rewards per step (red: invalid)")
     for ax in (ax_best, ax_reward):
         if len(steps) <= 20:
