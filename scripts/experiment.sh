@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The experiment "does TTT beat search?" (README, Benchmarks): `discover bench` commands in priority order
-# (AC1 seed by seed, then AC2, then the temperature controls, then the (1+1)-ES), pulled by two workers (the thread
-# governor gives each a core). Resumable: run it again and `discover bench` skips finished runs
+# (the calibration agents, then AC1 seed by seed, then AC2, then the temperature controls, then the
+# (1+1)-ES), pulled by two workers (the thread governor gives each a core). Resumable: run it again and `discover bench` skips finished runs
 # and resumes unfinished ones from their folders. Then: discover leaderboard "$OUT" --write leaderboards/
 #
 #   OUT=runs/experiment NICE=5 scripts/experiment.sh          # from a git worktree at one fixed commit
@@ -15,13 +15,17 @@ COMMON="--rollouts 800 --groups 2 --group-size 8 --out $OUT"
 rm -rf "$LOGS/claims"
 mkdir -p "$LOGS/claims"
 items=()
-for s in 0 1 2 3 4 5 6 7; do
-  items+=("discover/AC1-v0|ttt|$s" "discover/AC1-v0|puct|$s" "discover/AC1-v0|best-of-n|$s"
-          "discover/AC1-v0|random-search,es|$s")
+for s in 0 1 2 3 4 5 6 7; do  # the calibration agents first: minutes for all seeds of both envs
+  items+=("discover/AC1-v0|random-search,es|$s")
 done
 for s in 0 1 2 3; do
-  items+=("discover/AC2-v0|ttt|$s" "discover/AC2-v0|puct|$s" "discover/AC2-v0|best-of-n|$s"
-          "discover/AC2-v0|random-search,es|$s")
+  items+=("discover/AC2-v0|random-search,es|$s")
+done
+for s in 0 1 2 3 4 5 6 7; do
+  items+=("discover/AC1-v0|ttt|$s" "discover/AC1-v0|puct|$s" "discover/AC1-v0|best-of-n|$s")
+done
+for s in 0 1 2 3; do
+  items+=("discover/AC2-v0|ttt|$s" "discover/AC2-v0|puct|$s" "discover/AC2-v0|best-of-n|$s")
 done
 for s in 0 1 2 3; do  # controls: is TTT's gain only a sharper sampling distribution?
   items+=("discover/AC1-v0|puct[temperature=0.7]|$s" "discover/AC1-v0|best-of-n[temperature=0.7]|$s")

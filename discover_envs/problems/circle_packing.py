@@ -174,8 +174,8 @@ def _check_disjoint(circles: np.ndarray) -> None:
         a, b = int(i[first]), int(j[first])
         gap = _exact_margin(circles[a], circles[b])
         raise InvalidSolution(
-            f"circles {a} and {b} overlap: centre distance {math.sqrt(d2[k]):.17g} < r{a} + r{b} = "
-            f"{s[k]:.17g} (exact squared margin {float(gap):.3g})"
+            f"circles {a} and {b} overlap: centre distance {math.sqrt(d2[first]):.17g} < r{a} + r{b} = "
+            f"{s[first]:.17g} (exact squared margin {float(gap):.3g})"
         )
 
 
