@@ -24,7 +24,9 @@ def plot_progress(rollouts: list[dict[str, Any]], path: Path, title: str, score_
         by_step.setdefault(row["step"], []).append(row)
     steps = sorted(by_step)
     best_curve, best = [], None
-    xs, ys, colors = [], [], []
+    xs: list[float] = []
+    ys: list[float] = []
+    colors: list[str] = []
     for step in steps:
         rows = by_step[step]
         valid = [r for r in rows if r["valid"]]

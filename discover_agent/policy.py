@@ -23,7 +23,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 import numpy as np
 import torch
@@ -307,7 +307,7 @@ class LocalPolicy(Policy):
         self.progress: Callable[[int], None] | None = None
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path | None, config: PolicyConfig | None = None) -> LocalPolicy:
+    def from_pretrained(cls, name_or_path: str | Path | None, config: PolicyConfig | None = None) -> Self:
         """Load a local model folder (or a model id already in the HF cache); None -> embedded SmolLM2."""
         config = config or PolicyConfig()
         model, tokenizer = load_model_and_tokenizer(name_or_path, resolve_device(config.device))

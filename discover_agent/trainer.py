@@ -92,7 +92,8 @@ def _informative(advantages: Sequence[float], group_sizes: Sequence[int] | None)
         return list(range(len(advantages)))
     if any(size < 1 for size in group_sizes) or sum(group_sizes) != len(advantages):
         raise ValueError(f"group_sizes {list(group_sizes)} must be positive and sum to {len(advantages)} replies")
-    keep, start = [], 0
+    keep: list[int] = []
+    start = 0
     for size in group_sizes:
         if any(a != 0 for a in advantages[start : start + size]):
             keep.extend(range(start, start + size))
