@@ -13,6 +13,9 @@ DISCOVER=${DISCOVER:-discover}
 LOGS=${LOGS:-$OUT.logs}
 COMMON="--rollouts 800 --groups 2 --group-size 8 --out $OUT"
 rm -rf "$LOGS/claims"
+mkdir -p "$OUT"
+# Finished runs committed by scripts/keep_finished_runs.sh are skipped (their result.json is in place).
+[ -d leaderboards/runs ] && cp -rn leaderboards/runs/. "$OUT"/
 mkdir -p "$LOGS/claims"
 items=()
 for s in 0 1 2 3 4 5 6 7; do  # the calibration agents first: minutes for all seeds of both envs
