@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,7 +170,7 @@ def write_leaderboards(runs: Path, dest: Path) -> list[Path]:
         wall = sum(e.get("wall_s", 0.0) for e in entries)
         index.append(
             f"- [{env_id}]({name}.md): {len(entries)} runs of {agents}; rollouts per run {budgets}; "
-            f"env arguments {entries[0].get('env_kwargs') or {}}; model {entries[0].get('model')}; "
+            f"env arguments {entries[0].get('env_kwargs') or {}}; {_models(entries)}; "
             f"total wall time {wall / 60:.1f} min"
         )
     history = sorted(p.parent.name for p in dest.glob("*/README.md"))
@@ -208,8 +208,9 @@ def _table(
     lines = [
         f"# {env_id}",
         "",
-        f"{figure}; env arguments {entries[0].get('env_kwargs') or {}}; model {entries[0].get('model')}. "
-        f"Δ: the agent minus `{REFERENCE}` paired by seed, with its 95% CI (see README.md for the metrics).",
+        f"{figure}; env arguments {entries[0].get('env_kwargs') or {}}; {_models(entries)}; code "
+        f"{_versions(entries)}. Δ: the agent minus `{REFERENCE}` paired by seed, with its 95% CI (see README.md "
+        "for the metrics).",
         "",
         f"| agent | rollouts | seeds | best score (mean ± sd) | AUC (mean ± sd) | Δ best vs {REFERENCE} [95% CI] "
         f"| Δ AUC vs {REFERENCE} [95% CI] | seeds better than {REFERENCE} (best) | best of seeds | valid replies "
@@ -246,6 +247,19 @@ def _table(
         lines += [f"- {who}: {value}" for who, value in published]
     lines += ["", "Reproduce a row with the `command` field of its entries in the JSON file.", ""]
     return "\n".join(lines)
+
+
+def _models(entries: list[dict[str, Any]]) -> str:
+    """Which model each agent ran (calibration agents run none): one header must not name the first run's only."""
+    agents: dict[str, set[str]] = defaultdict(set)
+    for e in entries:
+        agents[str(e.get("model"))].add(e["agent"])
+    return "; ".join(f"model {model} ({', '.join(sorted(names))})" for model, names in sorted(agents.items()))
+
+
+def _versions(entries: list[dict[str, Any]]) -> str:
+    counts = Counter(str(e.get("version", "unrecorded")) for e in entries)
+    return ", ".join(f"{version} ({n} runs)" for version, n in sorted(counts.items()))
 
 
 def _spread(values: dict[int, float]) -> str:

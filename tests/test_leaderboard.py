@@ -89,3 +89,14 @@ def test_a_result_file_that_is_not_an_entry_is_named(tmp_path):
     write_json(tmp_path / "runs" / "x" / "result.json", no_rollouts)
     with pytest.raises(ValueError, match="'rollouts' must be an integer"):
         write_leaderboards(tmp_path / "runs", tmp_path / "lb")
+
+
+def test_the_header_names_each_agents_model_and_every_code_version(tmp_path):
+    entries = [
+        entry("ttt", 0, 1.6, version="git:aaa"), entry("ttt", 1, 1.6, version="git:bbb"),
+        entry("es", 0, 1.7, model="none (an ES)", version="git:aaa"),
+    ]  # fmt: skip
+    table_rows(tmp_path, entries)
+    header = (tmp_path / "lb" / "AC1-v0.md").read_text().splitlines()[2]
+    assert "model m (ttt)" in header and "model none (an ES) (es)" in header
+    assert "git:aaa (2 runs), git:bbb (1 runs)" in header
