@@ -259,7 +259,7 @@ def _models(entries: list[dict[str, Any]]) -> str:
 
 def _versions(entries: list[dict[str, Any]]) -> str:
     counts = Counter(str(e.get("version", "unrecorded")) for e in entries)
-    return ", ".join(f"{version} ({n} runs)" for version, n in sorted(counts.items()))
+    return ", ".join(f"{version} ({n} run{'s' if n > 1 else ''})" for version, n in sorted(counts.items()))
 
 
 def _spread(values: dict[int, float]) -> str:

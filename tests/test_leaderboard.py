@@ -99,4 +99,4 @@ def test_the_header_names_each_agents_model_and_every_code_version(tmp_path):
     table_rows(tmp_path, entries)
     header = (tmp_path / "lb" / "AC1-v0.md").read_text().splitlines()[2]
     assert "model m (ttt)" in header and "model none (an ES) (es)" in header
-    assert "git:aaa (2 runs), git:bbb (1 runs)" in header
+    assert "git:aaa (2 runs), git:bbb (1 run)" in header
