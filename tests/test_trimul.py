@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -380,6 +381,75 @@ def test_candidate_sandbox_is_stopped_while_the_reference_is_timed(launcher, mon
         assert count() > stopped
     finally:
         worker.close()
+
+
+#: Issue 26's forge as the red team ran it: a helper that burns a core only while the worker is stopped (SIGSTOP,
+#: state T) or frozen (cgroup v1 freezer, state D), i.e. while the parent times the reference; it ends with the
+#: worker. Its argument is the worker's PID.
+SPIN_LOOP = """
+import sys, time
+stat = f"/proc/{sys.argv[1]}/stat"
+while True:
+    try:
+        state = open(stat).read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        break
+    if state in "tTD":
+        end = time.perf_counter() + 0.002
+        while time.perf_counter() < end:
+            pass
+    else:
+        time.sleep(0.001)
+"""
+
+#: The reference's own code plus one spinning helper per core, started in a nested user + PID namespace (hidden
+#: from a freeze that looks processes up by PID namespace) or, where the sandbox refuses that, as plain children
+#: in sessions of their own.
+SPINNERS_CODE = (
+    f"""
+import os
+import subprocess
+import sys
+
+NESTED = ["unshare", "-U", "-r", "-p", "-f"]
+try:
+    refused = subprocess.run([*NESTED, "true"], capture_output=True, timeout=10).returncode != 0
+except (OSError, subprocess.TimeoutExpired):
+    refused = True
+for _ in range(max(2, os.cpu_count() or 1)):
+    argv = [sys.executable, "-c", {SPIN_LOOP!r}, str(os.getpid())]
+    subprocess.Popen(
+        argv if refused else NESTED + argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+"""
+    + BASELINE_CODE
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sandbox.bwrap_available(), reason="bubblewrap cannot run here (the sandbox a user gets)")
+@pytest.mark.skipif(not _has_freezer(), reason="no cgroup freezer here")
+def test_reference_plus_spinning_helpers_gets_no_speedup_over_itself():
+    """Issue 26: the reference's code with helpers that spin while the reference is timed got a median 1.67x
+    speed-up over the reference itself (5 runs). Now, in the default sandbox (bubblewrap, namespace filter on),
+    the median of 5 runs stays within the reference's own noise (<= 1.1x); the same code without helpers is run
+    5 times too, for that noise (printed, not asserted)."""
+    env = gym.make("discover/TriMul-v0", device="cpu")
+    env.reset(seed=0)
+    speedups: dict[str, list[float]] = {"with helpers": [], "without": []}
+    for _ in range(5):
+        for name, code in (("with helpers", SPINNERS_CODE), ("without", BASELINE_CODE)):
+            _, _, _, _, info = env.step(reply(code))
+            assert info["valid"], info["error"]
+            assert info["sandbox"] == "bwrap"
+            speedups[name].append(info["speedup"])
+    report = {name: (statistics.median(s), [round(x, 3) for x in s]) for name, s in speedups.items()}
+    print(f"TriMul speed-up over the reference, median and runs: {report}")
+    assert statistics.median(speedups["with helpers"]) <= 1.1, report
 
 
 def test_candidate_that_runs_too_long_times_out():
