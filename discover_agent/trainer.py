@@ -22,11 +22,11 @@ import torch
 
 from discover_agent import threads
 from discover_agent.model import is_embedded_model
-from discover_agent.objective import kl_shaped_advantages
-from discover_agent.policy import LocalPolicy, Sample
+from discover_agent.policy import LocalPolicy
+from discover_agent.types import Sample
 
 __all__ = [
-    "DEFAULT_KL_COEF", "EMBEDDED_LR", "PAPER_LR", "Trainer", "TrainerConfig", "default_lr",
+    "DEFAULT_KL_COEF", "EMBEDDED_LR", "PAPER_LR", "Trainer", "TrainerConfig", "default_lr", "kl_shaped_advantages",
 ]  # fmt: skip
 
 #: The paper's Adam rate for its LoRA on gpt-oss-120b; the default for models nobody has swept here.
@@ -78,6 +78,48 @@ class TrainerConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+
+
+def kl_shaped_advantages(
+    advantages: torch.Tensor,
+    logp_current: torch.Tensor,
+    logp_base: torch.Tensor,
+    mask: torch.Tensor,
+    coef: float = 0.1,
+) -> torch.Tensor:
+    """Per-token advantages A_bt = A_b + coef * (mean_logdiff - (logp_current - logp_base)_bt).
+
+    The trainer passes the sampling log-probs as `logp_current`, as the released code does
+    (`incorporate_kl_penalty`): they are the policy's log-probs at the start of the step, with no extra pass.
+
+    The penalty pulls the LoRA policy towards the base model (LoRA disabled) token by token; subtracting the
+    batch mean of the log-ratio over unmasked tokens keeps the penalty from shifting the overall advantage
+    level. Masked positions (prompt, padding) are 0, even where their log-probs are -inf or NaN. No gradient
+    flows through the result: it is a fixed weight for the policy-gradient loss.
+    """
+    if advantages.ndim != 1:
+        raise ValueError(f"advantages must have shape [B], got {tuple(advantages.shape)}")
+    if logp_current.ndim != 2 or logp_current.shape[0] != advantages.shape[0]:
+        raise ValueError(
+            f"logp_current must have shape [B, T] with B={advantages.shape[0]}, got {tuple(logp_current.shape)}"
+        )
+    if logp_base.shape != logp_current.shape or mask.shape != logp_current.shape:
+        raise ValueError(
+            f"logp_base {tuple(logp_base.shape)} and mask {tuple(mask.shape)} must match "
+            f"logp_current {tuple(logp_current.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
+    if not math.isfinite(coef):
+        raise ValueError(f"coef must be finite, got {coef!r}")
+    with torch.no_grad():
+        dtype = torch.promote_types(torch.promote_types(advantages.dtype, logp_current.dtype), torch.float32)
+        diff = logp_current.detach().to(dtype) - logp_base.detach().to(dtype)
+        diff = torch.where(mask, diff, torch.zeros((), dtype=dtype, device=diff.device))
+        count = int(mask.sum())
+        mean_logdiff = diff.sum() / count if count else diff.sum()
+        shaped = advantages.detach().to(dtype=dtype, device=diff.device)[:, None] + coef * (mean_logdiff - diff)
+        return torch.where(mask, shaped, torch.zeros((), dtype=dtype, device=diff.device))
 
 
 def _pad(rows: list[torch.Tensor], width: int, value: float | bool = 0) -> torch.Tensor:

@@ -11,7 +11,8 @@ from peft.tuners.lora import LoraLayer
 from tiny_model import CountingConstraint, build_model
 
 from discover_agent.model import EMBEDDED_NAME, default_lora_rank, embedded_cache_dir, ensure_embedded_model
-from discover_agent.policy import LocalPolicy, PolicyConfig, Sample
+from discover_agent.policy import LocalPolicy, PolicyConfig
+from discover_agent.types import Sample
 from discover_envs.problem import ConstructionSpec
 
 PROMPTS = ["short", "a much longer prompt with numbers 0.5, 0.25 and [1.0, 0.75] in it"]
@@ -302,7 +303,7 @@ def test_training_logprobs_of_allowed_tokens_only_equal_full_logits_with_gradien
     head, results = policy._head, []
     for allowed_only in (True, False):
         policy._head = head if allowed_only else None
-        assert policy._allowed_only(samples) is allowed_only
+        assert (policy._allowed_head(samples) is not None) is allowed_only
         policy.model.zero_grad()
         logp, mask = policy.token_logprobs(samples)
         (logp * weights[:, : logp.shape[1]]).sum().backward()

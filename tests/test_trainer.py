@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny_model import CountingConstraint
 
-from discover_agent.policy import LocalPolicy, Sample
-from discover_agent.trainer import Trainer, TrainerConfig
+from discover_agent.policy import LocalPolicy
+from discover_agent.trainer import Trainer, TrainerConfig, kl_shaped_advantages
+from discover_agent.types import Sample
 from discover_envs.problem import ConstructionSpec
 
 PROMPTS = ["short", "a longer prompt with numbers 0.5, 0.25 and [1.0, 0.75]"]
@@ -257,3 +260,43 @@ def test_the_embedded_model_given_by_path_gets_its_own_learning_rate(tmp_path, m
     cache = tmp_path / "cache" / "smollm2-135m-instruct"
     assert default_lr(str(converted)) == default_lr(str(cache)) == EMBEDDED_LR
     assert default_lr(str(tmp_path / "other")) == PAPER_LR
+
+
+def _kl_case():
+    advantages = torch.tensor([1.0, -0.5])
+    current = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -1.0, -3.0]], requires_grad=True)
+    base = torch.tensor([[-1.5, -2.0, 0.0], [-1.0, -0.5, -math.inf]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    return advantages, current, base, mask
+
+
+def test_kl_shaping_matches_hand_computation_and_zeroes_masked_tokens():
+    advantages, current, base, mask = _kl_case()
+    out = kl_shaped_advantages(advantages, current, base, mask, coef=0.1)
+    # unmasked log-ratios: [0.5, 0.0] and [0.5, -0.5]; their mean is 0.125
+    expected = torch.tensor(
+        [
+            [1.0 + 0.1 * (0.125 - 0.5), 1.0 + 0.1 * 0.125, 0.0],
+            [-0.5 + 0.1 * (0.125 - 0.5), -0.5 + 0.1 * (0.125 + 0.5), 0.0],
+        ]
+    )
+    torch.testing.assert_close(out, expected)
+    assert not out.requires_grad
+
+
+def test_kl_shaping_rejects_mismatched_shapes_and_non_bool_masks():
+    advantages, current, base, mask = _kl_case()
+    with pytest.raises(ValueError, match="logp_base"):
+        kl_shaped_advantages(advantages, current, base[:, :2], mask)
+    with pytest.raises(ValueError, match="bool"):
+        kl_shaped_advantages(advantages, current, base, mask.float())
+    with pytest.raises(ValueError, match=r"\[B\]"):
+        kl_shaped_advantages(advantages[:, None], current, base, mask)
+    with pytest.raises(ValueError, match="B=1"):
+        kl_shaped_advantages(advantages[:1], current, base, mask)
+
+
+def test_kl_shaping_with_everything_masked_returns_zeros():
+    advantages, current, base, mask = _kl_case()
+    out = kl_shaped_advantages(advantages, current, base, torch.zeros_like(mask))
+    assert torch.equal(out, torch.zeros_like(out))
