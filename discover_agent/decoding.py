@@ -4,7 +4,7 @@ Replies of one group share their prompt, so by default (`PolicyConfig.share_pref
 prefilled once and its keys/values are reused by the group's replies in a plain decode loop; the unshared path
 (every reply recomputes its prompt, through `generate`) stays as the reference the tests compare with. Under a
 grammar only the logits of the tokens it allows are computed (the unembedding is a fifth of SmolLM2's weights),
-and a policy with a `Trainer` keeps each sampled prompt's keys/values with their autograd graph for the update.
+and with `reuse_prompts` each sample carries its prompt's keys/values with their autograd graph to the update.
 Every path records each token's log-prob under the exact distribution it was drawn from.
 """
 
@@ -39,12 +39,30 @@ if TYPE_CHECKING:
 __all__ = ["Decoding", "KeptPrompt"]
 
 
-class KeptPrompt(NamedTuple):
-    """A sampled prompt's differentiable keys/values per layer (all but its last token), and the weights'
-    version they were computed under."""
+class KeptPrompt:
+    """A sampled prompt's differentiable keys/values per layer (all but its last token), tagged with the
+    weights' version they were computed under; the replies drawn from the prompt share it, and one pass with
+    grad under the same weights uses it (its backward frees the graph)."""
 
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    version: tuple[int, ...]
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], version: tuple[int, ...]) -> None:
+        self._layers: list[tuple[torch.Tensor, torch.Tensor]] | None = layers
+        self.version = version
+
+    @property
+    def held(self) -> bool:
+        return self._layers is not None
+
+    def renew(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Hold `layers` instead: the prompt run again, in a later micro-batch of the same call."""
+        self._layers = layers
+
+    def take(self, version: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The layers if they were made under `version` (None if stale or taken); never given twice."""
+        layers, self._layers = self._layers, None
+        return layers if version == self.version else None
+
+    def release(self) -> None:
+        self._layers = None
 
 
 class _PreallocatedLayer(DynamicLayer):
@@ -118,12 +136,10 @@ class Decoding:
     model: PeftModelForCausalLM
     tokenizer: PreTrainedTokenizerBase
     eos_ids: list[int]
-    keep_prompt_graphs: bool
     progress: Callable[[int], None] | None
     _head: Head | None
     _sample_head: Head | None
     _sampler: MergedCopy | None
-    _prompt_graphs: dict[tuple[int, ...], KeptPrompt]
 
     @property
     def _sampling_model(self) -> PreTrainedModel | PeftModelForCausalLM:
@@ -166,10 +182,13 @@ class Decoding:
         completions = sequences[:, width:]
         return self._samples(rows, completions, recorder.finish(completions).cpu(), constraint)
 
-    def _decode_shared(self, rows: list[list[int]], constraint: TokenConstraint | None) -> list[Sample]:
+    def _decode_shared(
+        self, rows: list[list[int]], constraint: TokenConstraint | None, kept: dict[tuple[int, ...], KeptPrompt]
+    ) -> list[Sample]:
         """The same draws as `_generate` (one multinomial over the batch per token, finished rows padded),
         but each distinct prompt is prefilled once and its keys/values are repeated for the rows that share
-        it; then a plain decode loop, without `generate`'s per-token bookkeeping.
+        it; then a plain decode loop, without `generate`'s per-token bookkeeping. `kept` gathers the call's
+        kept prompts (one per prompt across its micro-batches), which the samples carry.
 
         Rows of one prompt need no attention mask (so SDPA also skips expanding grouped KV heads); prompts of
         different lengths are left-padded in the cache, as `_generate` pads them.
@@ -179,7 +198,7 @@ class Decoding:
         # With a grammar, only the logits of the tokens some row may take are computed (a few hundred of the
         # vocabulary: the unembedding is a fifth of SmolLM2's weights, read every token step).
         subset = self._subset(processors[0]) if constraint is not None else None
-        cache, logits, attention = self._shared_prefill(rows, width, subset)
+        cache, logits, attention = self._shared_prefill(rows, width, kept, subset)
         positions = torch.tensor([len(r) for r in rows], device=self.device)
         eos = torch.tensor(self.eos_ids, device=self.device)
         pad = torch.tensor(self.tokenizer.pad_token_id, device=self.device)
@@ -214,7 +233,10 @@ class Decoding:
                 cache=cache, use_cache=True,
             )  # fmt: skip
             cache, logits = out.cache, (out.logits if subset is None else out.last_hidden_state)[:, -1]
-        return self._samples(rows, torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu(), constraint)
+        samples = self._samples(rows, torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu(), constraint)
+        for sample in samples:
+            sample.prompt_cache = kept.get(tuple(sample.prompt_ids))
+        return samples
 
     def _subset(self, processor: LogitsProcessor) -> _Subset | None:
         """Decoding by allowed logits only, where the constraint's processor lists its allowed ids and both
@@ -246,15 +268,20 @@ class Decoding:
         return token, scores.gather(1, at) - scores.logsumexp(-1, keepdim=True)
 
     def _shared_prefill(
-        self, rows: list[list[int]], width: int, subset: _Subset | None = None
+        self,
+        rows: list[list[int]],
+        width: int,
+        kept: dict[tuple[int, ...], KeptPrompt],
+        subset: _Subset | None = None,
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor | None]:
         """(cache, next-token logits, attention mask or None) for `rows` with each distinct prompt run once;
-        with `subset`, the decoder's last hidden states instead of logits."""
+        with `subset`, the decoder's last hidden states instead of logits. With `config.reuse_prompts` each
+        prompt is run by the LoRA model with grad and put in `kept` for the trainer."""
         prompts: dict[tuple[int, ...], int] = {}
         index = [prompts.setdefault(tuple(r), len(prompts)) for r in rows]
         layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         last: list[torch.Tensor] = []
-        keep = self.keep_prompt_graphs and self.config.share_prefix and self.config.lora_dropout == 0
+        keep = self.config.reuse_prompts and self.config.share_prefix and self.config.lora_dropout == 0
         for prompt in prompts:
             threads.adapt()
             ids = torch.tensor([prompt], device=self.device)
@@ -269,8 +296,11 @@ class Decoding:
                     last.append(out.logits[0, -1].detach())
                 kv = [(k, v) for k, v, *_ in out.cache]
                 if graph:  # sliced with grad on: a view taken under no_grad would cut the graph
-                    kept = [(k[:, :, :-1], v[:, :, :-1]) for k, v in kv]
-                    self._prompt_graphs[prompt] = KeptPrompt(kept, weights_version(self.model))
+                    prefix = [(k[:, :, :-1], v[:, :, :-1]) for k, v in kv]
+                    if prompt in kept:
+                        kept[prompt].renew(prefix)
+                    else:
+                        kept[prompt] = KeptPrompt(prefix, weights_version(self.model))
             # Left-pad each prompt's keys/values to the batch width (the padded slots are masked below).
             gap = width - len(prompt)
             layers.append([(_left_pad(k.detach(), gap), _left_pad(v.detach(), gap)) for k, v in kv])

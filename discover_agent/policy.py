@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from discover_agent.adapter import MergedCopy, load_adapter, plain_head, save_adapter, weights_version
 from discover_agent.constrained import JsonArrayConstraint
-from discover_agent.decoding import Decoding
+from discover_agent.decoding import Decoding, KeptPrompt
 from discover_agent.model import (
     DEFAULT_TARGET_MODULES,
     default_lora_rank,
@@ -57,6 +57,9 @@ class PolicyConfig:
     merged_sampling: sample from a plain copy of the model with the adapter merged into its weights (re-merged
     after every update): no LoRA wrappers and matmuls in the decode loop, for a second copy of the weights in
     memory. None: on CPU only (where the wrappers' per-token overhead is a sixth of decoding).
+    reuse_prompts: each sample carries its prompt's keys/values with their graph (`Sample.prompt_cache`), and
+    the trainer's pass uses them instead of running the prompt again (same numbers; the memory is held from
+    sampling to the update). For a policy that trains (TTT); with share_prefix and no LoRA dropout only.
     """
 
     lora_rank: int | None = None
@@ -71,6 +74,7 @@ class PolicyConfig:
     seed: int = 0
     share_prefix: bool = True
     merged_sampling: bool | None = None
+    reuse_prompts: bool = False
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -126,9 +130,6 @@ class LocalPolicy(Decoding, Scoring, Policy):
         merged = config.merged_sampling if config.merged_sampling is not None else self.device.type == "cpu"
         self._sampler = MergedCopy(self.model) if merged and MergedCopy.supports(self.model) else None
         self._sample_head = self._head if self._sampler is None else plain_head(self._sampler.model, self.device)
-        #: Keep each sampled prompt's differentiable keys/values for the trainer's next pass (set by `Trainer`).
-        self.keep_prompt_graphs = False
-        self._prompt_graphs = {}
         self._calls = 0
         #: Called with the number of rows still generating after each sampled token step (progress display).
         self.progress: Callable[[int], None] | None = None
@@ -182,13 +183,13 @@ class LocalPolicy(Decoding, Scoring, Policy):
         seed = int(np.random.SeedSequence([self.config.seed, self._calls]).generate_state(1)[0])
         self._calls += 1
         devices = [self.device] if self.device.type == "cuda" else []
-        self.release_prompt_graphs()
         if self._sampler is not None:
             self._sampler.sync(weights_version(self.model))
         samples: list[Sample] = []
+        kept: dict[tuple[int, ...], KeptPrompt] = {}
         with torch.random.fork_rng(devices=devices, device_type=self.device.type), torch.no_grad():
             torch.manual_seed(seed)
-            generate = self._decode_shared if self.config.share_prefix else self._generate
+            generate = partial(self._decode_shared, kept=kept) if self.config.share_prefix else self._generate
             for start in range(0, len(rows), self.config.batch_size):
                 samples.extend(generate(rows[start : start + self.config.batch_size], constraint))
         ends = np.cumsum(sizes).tolist()

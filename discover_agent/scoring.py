@@ -43,7 +43,6 @@ class Scoring:
     model: PeftModelForCausalLM
     tokenizer: PreTrainedTokenizerBase
     _head: Head | None
-    _prompt_graphs: dict[tuple[int, ...], KeptPrompt]
 
     def token_logprobs(self, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs [B, T] of each sample's completion tokens under the model as it is now (adapter on unless
@@ -97,7 +96,7 @@ class Scoring:
             prompt = torch.tensor(group[0].prompt_ids, dtype=torch.long, device=self.device)
             cache = None
             if len(prompt) > 1:
-                cache = self._kept_prompt(group[0].prompt_ids)
+                cache = self._kept_prompt(group[0])
                 if cache is None:
                     cache = self.model(input_ids=prompt[None, :-1], use_cache=True, logits_to_keep=1).cache
                 cache.batch_repeat_interleave(len(group))
@@ -122,26 +121,23 @@ class Scoring:
         lengths = torch.tensor([len(s.completion_ids) for s in samples], device=self.device)
         return logp, torch.arange(steps, device=self.device) < lengths[:, None]
 
-    def _kept_prompt(self, prompt_ids: list[int]) -> DynamicCache | None:
-        """The differentiable keys/values of the prompt's first P-1 tokens, kept when it was sampled, for a
-        pass with grad under the same weights; used once (the backward frees them). The sampling prefill with
-        grad costs little more than without, and the trainer's pass then skips the prompt's forward."""
+    def _kept_prompt(self, sample: Sample) -> DynamicCache | None:
+        """The differentiable keys/values of the sample's prompt but its last token, kept when it was sampled,
+        for a pass with grad under the same weights; used once (the backward frees them). The sampling prefill
+        with grad costs little more than without, and the trainer's pass then skips the prompt's forward."""
         if not torch.is_grad_enabled():  # e.g. the trainer's base-model pass, which must not consume them
             return None
-        kept = self._prompt_graphs.pop(tuple(prompt_ids), None)
-        if kept is None or kept.version != weights_version(self.model):
+        kept = sample.prompt_cache
+        layers = kept.take(weights_version(self.model)) if isinstance(kept, KeptPrompt) else None
+        if layers is None:
             return None
         cache = DynamicCache()
         cache.layers = []
-        for keys, values in kept.layers:
+        for keys, values in layers:
             layer = DynamicLayer()
             layer.update(keys, values)
             cache.layers.append(layer)
         return cache
-
-    def release_prompt_graphs(self) -> None:
-        """Drop the kept prompts (and the activations they hold): the trainer calls it after its step."""
-        self._prompt_graphs.clear()
 
     def _allowed_head(self, samples: Sequence[Sample]) -> Head | None:
         """The plain head, where the trainer's passes can compute only the logits of the tokens the samples'

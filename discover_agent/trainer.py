@@ -54,9 +54,8 @@ class TrainerConfig:
     """lr: Adam learning rate of the LoRA weights. kl_coef: lambda of the KL shaping (0 turns it off and skips
     the base-model pass). max_grad_norm: clip of the total gradient norm; None (the default, as in the released
     code) does not clip. betas: Adam's (beta1, beta2); (0.9, 0.95) as the released code's `enqueue_optim_step`.
-    micro_batch_size: replies per forward/backward pass. reuse_prompts: the policy keeps each sampled prompt's
-    keys/values with their graph, and the update's pass uses them instead of running the prompt again (same
-    numbers; the memory is held from sampling to the update)."""
+    micro_batch_size: replies per forward/backward pass. Prompts kept with the samples
+    (`PolicyConfig.reuse_prompts`) are used by the update's pass and released after the step."""
 
     lr: float = PAPER_LR
     kl_coef: float = DEFAULT_KL_COEF
@@ -64,7 +63,6 @@ class TrainerConfig:
     micro_batch_size: int = 8
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
-    reuse_prompts: bool = True
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -157,7 +155,6 @@ class Trainer:
         )
         #: Called with the number of replies whose backward pass is done, after each micro-batch.
         self.progress: Callable[[int], None] | None = None
-        policy.keep_prompt_graphs = config.reuse_prompts
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (not live references) of the optimiser's moments and step counts; the LoRA weights are
@@ -178,9 +175,20 @@ class Trainer:
 
         Returns loss, kl (mean log-ratio current/base over tokens, before the update; only with kl_coef > 0),
         grad_norm (before any clipping), ratio (mean importance ratio), trained_tokens, seconds and skipped.
+        The prompts kept with the samples are released, used or not.
         """
-        started = time.perf_counter()
         samples = list(samples)
+        try:
+            return self._step(samples, advantages, group_sizes)
+        finally:
+            for s in samples:
+                if s.prompt_cache is not None:
+                    s.prompt_cache.release()
+
+    def _step(
+        self, samples: list[Sample], advantages: Sequence[float], group_sizes: Sequence[int] | None
+    ) -> dict[str, float]:
+        started = time.perf_counter()
         advantages = [float(a) for a in advantages]
         if len(samples) != len(advantages) or not samples:
             raise ValueError(f"need one advantage per sample, got {len(samples)} samples, {len(advantages)} advantages")
@@ -196,7 +204,6 @@ class Trainer:
         samples, advantages = [samples[i] for i in keep], [advantages[i] for i in keep]
         tokens = sum(len(s.completion_ids) for s in samples)
         if not samples:
-            self.policy.release_prompt_graphs()
             return {"skipped": 1.0, "trained_tokens": 0.0, "seconds": time.perf_counter() - started}
         if tokens == 0:
             raise ValueError("the samples have no completion tokens to train on")
@@ -245,7 +252,6 @@ class Trainer:
             self.optimizer.step()
         finally:
             self.optimizer.zero_grad(set_to_none=True)
-            self.policy.release_prompt_graphs()
             model.eval()
         metrics = {"loss": loss_sum, "grad_norm": float(grad_norm), "ratio": ratio_sum / tokens}
         if coef > 0:

@@ -41,10 +41,18 @@ class SubsetConstraint(TokenConstraint, Protocol):
     def token_allowed_ids(self, completion_ids: list[int]) -> list[torch.Tensor]: ...
 
 
+class PromptCache(Protocol):
+    """What sampling kept of a prompt for the trainer's pass (`discover_agent.decoding.KeptPrompt`)."""
+
+    def release(self) -> None:
+        """Drop what it holds (activations with their graph), used or not."""
+
+
 @dataclass
 class Sample:
     """One reply. `logprobs` are per completion token under the distribution it was sampled from (empty for
-    endpoints that give none); `temperature` and `constraint` let the trainer rebuild that distribution."""
+    endpoints that give none); `temperature` and `constraint` let the trainer rebuild that distribution.
+    `prompt_cache`, shared by the replies of one prompt, spares the trainer's pass that prompt's forward."""
 
     text: str
     prompt_ids: list[int]
@@ -52,6 +60,7 @@ class Sample:
     logprobs: list[float]
     temperature: float = 1.0
     constraint: TokenConstraint | None = field(default=None, repr=False, compare=False)
+    prompt_cache: PromptCache | None = field(default=None, repr=False, compare=False)
 
 
 class Policy(ABC):

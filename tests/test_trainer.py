@@ -85,15 +85,14 @@ def test_micro_batches_give_the_same_update_as_one_batch(make_tiny_policy):
 def test_reusing_the_sampled_prompts_gives_the_same_update(make_tiny_policy, micro_batch_size):
     results = []
     for reuse in (True, False):
-        policy = make_tiny_policy()
-        trainer = Trainer(policy, TrainerConfig(lr=1e-2, kl_coef=0.5, micro_batch_size=micro_batch_size,
-                                                reuse_prompts=reuse))  # fmt: skip
-        assert policy.keep_prompt_graphs is reuse
+        policy = make_tiny_policy(reuse_prompts=reuse)
+        trainer = Trainer(policy, TrainerConfig(lr=1e-2, kl_coef=0.5, micro_batch_size=micro_batch_size))
         for advantages in ([1.0, -0.5, 0.2, -1.0, 0.8, -0.5], [0.3, -0.1, 0.9, 0.5, -1.0, 0.4]):
             samples = [s for group in policy.sample(PROMPTS, n=3) for s in group]
-            assert len(policy._prompt_graphs) == (2 if reuse else 0)
+            held = {id(s.prompt_cache) for s in samples if s.prompt_cache is not None and s.prompt_cache.held}
+            assert len(held) == (2 if reuse else 0)
             metrics = trainer.step(samples, advantages, group_sizes=[3, 3])
-            assert not policy._prompt_graphs  # released after the step
+            assert not any(s.prompt_cache.held for s in samples if s.prompt_cache is not None)  # released
         results.append((metrics, lora_state(policy)))
     for key in ("loss", "kl", "grad_norm", "ratio"):
         assert results[0][0][key] == pytest.approx(results[1][0][key], rel=1e-4, abs=1e-7)
