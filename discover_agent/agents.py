@@ -439,7 +439,7 @@ def build_policy(config: AgentConfig, trainable: bool, spec: Any = None) -> Any:
     env's construction spec, if replies are constrained) sizes the reply budget when max_new_tokens is unset."""
     max_new_tokens = config.max_new_tokens
     if max_new_tokens is None:
-        from discover_agent.constrained import default_max_new_tokens
+        from discover_agent.json_grammar import default_max_new_tokens
 
         max_new_tokens = 256 if spec is None else default_max_new_tokens(spec)
     if config.endpoint is not None:

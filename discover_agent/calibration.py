@@ -25,11 +25,10 @@ import numpy as np
 
 from discover_agent.agents import SearchAgent
 from discover_agent.config import AgentConfig, ConfigError, ESConfig
-from discover_agent.policy import Sample
 from discover_agent.rundir import RunDirError
 from discover_agent.sampler import FixedSampler, GreedySampler, Sampler
 from discover_agent.storage import read_json, write_json
-from discover_agent.types import Group
+from discover_agent.types import Group, Sample
 from discover_envs.problem import ConstructionSpec
 
 #: The success rate the step size aims at (Rechenberg's 1/5th rule).

@@ -11,9 +11,10 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, PeftModelForCausalLM, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from discover_agent.storage import replace_dir
@@ -141,7 +142,7 @@ def load_model_and_tokenizer(
 
 def wrap_lora(
     model: PreTrainedModel, rank: int, alpha: float, dropout: float, target_modules: Sequence[str]
-) -> PeftModel:
+) -> PeftModelForCausalLM:
     """Add a trainable LoRA adapter; the base weights stay frozen and are reached with `disable_adapter()`."""
     if isinstance(model, PeftModel):
         raise TypeError("the model already carries a peft adapter; pass the plain transformers model")
@@ -154,4 +155,4 @@ def wrap_lora(
         target_modules=list(target_modules),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    return cast(PeftModelForCausalLM, get_peft_model(model, config))  # what task_type CAUSAL_LM builds

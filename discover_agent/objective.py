@@ -1,4 +1,4 @@
-"""Per-rollout advantages for one group of rollouts from the same start state, and per-token KL shaping.
+"""Per-rollout advantages for one group of rollouts from the same start state (numpy only).
 
 Discovery wants the single best attempt, not a good average, so TTT-Discover optimises the entropic utility
 log E[exp(beta * R)]: its gradient weights each rollout by w = exp(beta r) / E[exp(beta r)], which puts
@@ -14,7 +14,6 @@ import math
 import numbers
 
 import numpy as np
-import torch
 
 #: KL(q_beta || uniform) that the automatic beta aims at.
 TARGET_KL = math.log(2.0)
@@ -147,45 +146,3 @@ def mean_baseline_advantages(rewards: object, *, divide_by_std: bool = False) ->
         return centred * magnitude
     std = float(centred.std())
     return centred / std if std > 0.0 else np.zeros_like(r)
-
-
-def kl_shaped_advantages(
-    advantages: torch.Tensor,
-    logp_current: torch.Tensor,
-    logp_base: torch.Tensor,
-    mask: torch.Tensor,
-    coef: float = 0.1,
-) -> torch.Tensor:
-    """Per-token advantages A_bt = A_b + coef * (mean_logdiff - (logp_current - logp_base)_bt).
-
-    The trainer passes the sampling log-probs as `logp_current`, as the released code does
-    (`incorporate_kl_penalty`): they are the policy's log-probs at the start of the step, with no extra pass.
-
-    The penalty pulls the LoRA policy towards the base model (LoRA disabled) token by token; subtracting the
-    batch mean of the log-ratio over unmasked tokens keeps the penalty from shifting the overall advantage
-    level. Masked positions (prompt, padding) are 0, even where their log-probs are -inf or NaN. No gradient
-    flows through the result: it is a fixed weight for the policy-gradient loss.
-    """
-    if advantages.ndim != 1:
-        raise ValueError(f"advantages must have shape [B], got {tuple(advantages.shape)}")
-    if logp_current.ndim != 2 or logp_current.shape[0] != advantages.shape[0]:
-        raise ValueError(
-            f"logp_current must have shape [B, T] with B={advantages.shape[0]}, got {tuple(logp_current.shape)}"
-        )
-    if logp_base.shape != logp_current.shape or mask.shape != logp_current.shape:
-        raise ValueError(
-            f"logp_base {tuple(logp_base.shape)} and mask {tuple(mask.shape)} must match "
-            f"logp_current {tuple(logp_current.shape)}"
-        )
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
-    if not math.isfinite(coef):
-        raise ValueError(f"coef must be finite, got {coef!r}")
-    with torch.no_grad():
-        dtype = torch.promote_types(torch.promote_types(advantages.dtype, logp_current.dtype), torch.float32)
-        diff = logp_current.detach().to(dtype) - logp_base.detach().to(dtype)
-        diff = torch.where(mask, diff, torch.zeros((), dtype=dtype, device=diff.device))
-        count = int(mask.sum())
-        mean_logdiff = diff.sum() / count if count else diff.sum()
-        shaped = advantages.detach().to(dtype=dtype, device=diff.device)[:, None] + coef * (mean_logdiff - diff)
-        return torch.where(mask, shaped, torch.zeros((), dtype=dtype, device=diff.device))

@@ -34,7 +34,7 @@ import numpy as np
 
 from discover_agent.gbnf import FENCE, construction_grammar
 from discover_agent.json_schema import construction_schema, out_of_spec
-from discover_agent.policy import Policy, Sample
+from discover_agent.types import Policy, Sample
 from discover_envs.env import MAX_TEXT
 from discover_envs.problem import ConstructionSpec, extract_block
 

@@ -38,7 +38,8 @@ from starlette.requests import ClientDisconnect, Request
 
 from discover_agent.json_schema import UnsupportedSchema, spec_from_schema
 from discover_agent.model import EMBEDDED_NAME
-from discover_agent.policy import LocalPolicy, PolicyConfig, Sample, TokenConstraint
+from discover_agent.policy import LocalPolicy, PolicyConfig
+from discover_agent.types import Sample, TokenConstraint
 from discover_envs.problem import ConstructionSpec
 
 __all__ = ["ServedPolicy", "create_app", "running", "serve"]

@@ -22,11 +22,11 @@ import torch
 
 from discover_agent import threads
 from discover_agent.model import is_embedded_model
-from discover_agent.objective import kl_shaped_advantages
-from discover_agent.policy import LocalPolicy, Sample
+from discover_agent.policy import LocalPolicy
+from discover_agent.types import Sample
 
 __all__ = [
-    "DEFAULT_KL_COEF", "EMBEDDED_LR", "PAPER_LR", "Trainer", "TrainerConfig", "default_lr",
+    "DEFAULT_KL_COEF", "EMBEDDED_LR", "PAPER_LR", "Trainer", "TrainerConfig", "default_lr", "kl_shaped_advantages",
 ]  # fmt: skip
 
 #: The paper's Adam rate for its LoRA on gpt-oss-120b; the default for models nobody has swept here.
@@ -54,9 +54,8 @@ class TrainerConfig:
     """lr: Adam learning rate of the LoRA weights. kl_coef: lambda of the KL shaping (0 turns it off and skips
     the base-model pass). max_grad_norm: clip of the total gradient norm; None (the default, as in the released
     code) does not clip. betas: Adam's (beta1, beta2); (0.9, 0.95) as the released code's `enqueue_optim_step`.
-    micro_batch_size: replies per forward/backward pass. reuse_prompts: the policy keeps each sampled prompt's
-    keys/values with their graph, and the update's pass uses them instead of running the prompt again (same
-    numbers; the memory is held from sampling to the update)."""
+    micro_batch_size: replies per forward/backward pass. Prompts kept with the samples
+    (`PolicyConfig.reuse_prompts`) are used by the update's pass and released after the step."""
 
     lr: float = PAPER_LR
     kl_coef: float = DEFAULT_KL_COEF
@@ -64,7 +63,6 @@ class TrainerConfig:
     micro_batch_size: int = 8
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
-    reuse_prompts: bool = True
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -78,6 +76,48 @@ class TrainerConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+
+
+def kl_shaped_advantages(
+    advantages: torch.Tensor,
+    logp_current: torch.Tensor,
+    logp_base: torch.Tensor,
+    mask: torch.Tensor,
+    coef: float = 0.1,
+) -> torch.Tensor:
+    """Per-token advantages A_bt = A_b + coef * (mean_logdiff - (logp_current - logp_base)_bt).
+
+    The trainer passes the sampling log-probs as `logp_current`, as the released code does
+    (`incorporate_kl_penalty`): they are the policy's log-probs at the start of the step, with no extra pass.
+
+    The penalty pulls the LoRA policy towards the base model (LoRA disabled) token by token; subtracting the
+    batch mean of the log-ratio over unmasked tokens keeps the penalty from shifting the overall advantage
+    level. Masked positions (prompt, padding) are 0, even where their log-probs are -inf or NaN. No gradient
+    flows through the result: it is a fixed weight for the policy-gradient loss.
+    """
+    if advantages.ndim != 1:
+        raise ValueError(f"advantages must have shape [B], got {tuple(advantages.shape)}")
+    if logp_current.ndim != 2 or logp_current.shape[0] != advantages.shape[0]:
+        raise ValueError(
+            f"logp_current must have shape [B, T] with B={advantages.shape[0]}, got {tuple(logp_current.shape)}"
+        )
+    if logp_base.shape != logp_current.shape or mask.shape != logp_current.shape:
+        raise ValueError(
+            f"logp_base {tuple(logp_base.shape)} and mask {tuple(mask.shape)} must match "
+            f"logp_current {tuple(logp_current.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
+    if not math.isfinite(coef):
+        raise ValueError(f"coef must be finite, got {coef!r}")
+    with torch.no_grad():
+        dtype = torch.promote_types(torch.promote_types(advantages.dtype, logp_current.dtype), torch.float32)
+        diff = logp_current.detach().to(dtype) - logp_base.detach().to(dtype)
+        diff = torch.where(mask, diff, torch.zeros((), dtype=dtype, device=diff.device))
+        count = int(mask.sum())
+        mean_logdiff = diff.sum() / count if count else diff.sum()
+        shaped = advantages.detach().to(dtype=dtype, device=diff.device)[:, None] + coef * (mean_logdiff - diff)
+        return torch.where(mask, shaped, torch.zeros((), dtype=dtype, device=diff.device))
 
 
 def _pad(rows: list[torch.Tensor], width: int, value: float | bool = 0) -> torch.Tensor:
@@ -115,7 +155,6 @@ class Trainer:
         )
         #: Called with the number of replies whose backward pass is done, after each micro-batch.
         self.progress: Callable[[int], None] | None = None
-        policy.keep_prompt_graphs = config.reuse_prompts
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (not live references) of the optimiser's moments and step counts; the LoRA weights are
@@ -136,9 +175,20 @@ class Trainer:
 
         Returns loss, kl (mean log-ratio current/base over tokens, before the update; only with kl_coef > 0),
         grad_norm (before any clipping), ratio (mean importance ratio), trained_tokens, seconds and skipped.
+        The prompts kept with the samples are released, used or not.
         """
-        started = time.perf_counter()
         samples = list(samples)
+        try:
+            return self._step(samples, advantages, group_sizes)
+        finally:
+            for s in samples:
+                if s.prompt_cache is not None:
+                    s.prompt_cache.release()
+
+    def _step(
+        self, samples: list[Sample], advantages: Sequence[float], group_sizes: Sequence[int] | None
+    ) -> dict[str, float]:
+        started = time.perf_counter()
         advantages = [float(a) for a in advantages]
         if len(samples) != len(advantages) or not samples:
             raise ValueError(f"need one advantage per sample, got {len(samples)} samples, {len(advantages)} advantages")
@@ -154,7 +204,6 @@ class Trainer:
         samples, advantages = [samples[i] for i in keep], [advantages[i] for i in keep]
         tokens = sum(len(s.completion_ids) for s in samples)
         if not samples:
-            self.policy.release_prompt_graphs()
             return {"skipped": 1.0, "trained_tokens": 0.0, "seconds": time.perf_counter() - started}
         if tokens == 0:
             raise ValueError("the samples have no completion tokens to train on")
@@ -203,7 +252,6 @@ class Trainer:
             self.optimizer.step()
         finally:
             self.optimizer.zero_grad(set_to_none=True)
-            self.policy.release_prompt_graphs()
             model.eval()
         metrics = {"loss": loss_sum, "grad_norm": float(grad_norm), "ratio": ratio_sum / tokens}
         if coef > 0:

@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 import discover_envs
 from discover_agent.agents import _lineage
 from discover_agent.config import AgentConfig, TTTConfig, load_run_config
-from discover_agent.policy import Policy, PolicyConfig, Sample
+from discover_agent.policy import PolicyConfig
 from discover_agent.registry import AGENTS
 from discover_agent.rundir import Lineage, RunDir, RunDirError
 from discover_agent.search import BestOfN, PUCTSearch
 from discover_agent.storage import CorruptFile, read_jsonl
 from discover_agent.trainer import TrainerConfig
 from discover_agent.ttt import TTTDiscover, build_trainer
-from discover_agent.types import RunResult
+from discover_agent.types import Policy, RunResult, Sample
 
 ENV = "discover/AC1-v0"
 ENV_KWARGS = {"n": 3}

@@ -14,7 +14,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import discover_envs
-from discover_agent import constrained
+from discover_agent import json_grammar
 from discover_agent.constrained import JsonArrayConstraint, default_max_new_tokens, token_texts
 from discover_envs.problem import ConstructionSpec, format_numbers
 
@@ -371,7 +371,7 @@ def test_budget_masks_replay_exactly_and_equal_a_token_by_token_check(model, tok
             state = fresh.advance(state, token_id)
 
 
-class _PrefixByPrefix(constrained._Numbers):
+class _PrefixByPrefix(json_grammar.Numbers):
     """The grammar's numbers with every integer prefix its own state (no merging by `_levels`): the reference."""
 
     def _levels(self, negative: bool, prefix: int) -> None:
@@ -391,7 +391,7 @@ def test_merged_integer_prefixes_give_the_masks_of_a_prefix_by_prefix_grammar(mo
     prefixes are now merged by their `_levels`, which must not change a single mask or budget."""
     least = JsonArrayConstraint(tokenizer, spec, max_new_tokens=500).min_new_tokens
     merged = JsonArrayConstraint(tokenizer, spec, max_new_tokens=least + 3)
-    monkeypatch.setattr(constrained, "_Numbers", _PrefixByPrefix)
+    monkeypatch.setattr(json_grammar, "Numbers", _PrefixByPrefix)
     reference = JsonArrayConstraint(tokenizer, spec, max_new_tokens=least + 3)
     assert merged.min_new_tokens == reference.min_new_tokens
     assert len(merged._costs) < len(reference._costs)  # prefixes were merged

@@ -2,13 +2,11 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from discover_agent.objective import (
     MAX_LOG_WEIGHT,
     TARGET_KL,
     entropic_advantages,
-    kl_shaped_advantages,
     mean_baseline_advantages,
 )
 
@@ -125,43 +123,3 @@ def test_mean_baseline_matches_hand_computation():
     assert np.array_equal(mean_baseline_advantages([1e308, 1e308]), [0.0, 0.0])
     with pytest.raises(ValueError, match="finite"):
         mean_baseline_advantages([float("nan")])
-
-
-def _kl_case():
-    advantages = torch.tensor([1.0, -0.5])
-    current = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -1.0, -3.0]], requires_grad=True)
-    base = torch.tensor([[-1.5, -2.0, 0.0], [-1.0, -0.5, -math.inf]])
-    mask = torch.tensor([[True, True, False], [True, True, False]])
-    return advantages, current, base, mask
-
-
-def test_kl_shaping_matches_hand_computation_and_zeroes_masked_tokens():
-    advantages, current, base, mask = _kl_case()
-    out = kl_shaped_advantages(advantages, current, base, mask, coef=0.1)
-    # unmasked log-ratios: [0.5, 0.0] and [0.5, -0.5]; their mean is 0.125
-    expected = torch.tensor(
-        [
-            [1.0 + 0.1 * (0.125 - 0.5), 1.0 + 0.1 * 0.125, 0.0],
-            [-0.5 + 0.1 * (0.125 - 0.5), -0.5 + 0.1 * (0.125 + 0.5), 0.0],
-        ]
-    )
-    torch.testing.assert_close(out, expected)
-    assert not out.requires_grad
-
-
-def test_kl_shaping_rejects_mismatched_shapes_and_non_bool_masks():
-    advantages, current, base, mask = _kl_case()
-    with pytest.raises(ValueError, match="logp_base"):
-        kl_shaped_advantages(advantages, current, base[:, :2], mask)
-    with pytest.raises(ValueError, match="bool"):
-        kl_shaped_advantages(advantages, current, base, mask.float())
-    with pytest.raises(ValueError, match=r"\[B\]"):
-        kl_shaped_advantages(advantages[:, None], current, base, mask)
-    with pytest.raises(ValueError, match="B=1"):
-        kl_shaped_advantages(advantages[:1], current, base, mask)
-
-
-def test_kl_shaping_with_everything_masked_returns_zeros():
-    advantages, current, base, mask = _kl_case()
-    out = kl_shaped_advantages(advantages, current, base, torch.zeros_like(mask))
-    assert torch.equal(out, torch.zeros_like(out))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import gymnasium as gym
 import pytest
@@ -18,6 +20,7 @@ import pytest
 from discover_agent import openai_policy
 from discover_agent.gbnf import construction_grammar
 from discover_agent.openai_policy import EndpointError, OpenAIPolicy, construction_schema
+from discover_agent.storage import read_jsonl
 from discover_envs.env import MAX_TEXT
 from discover_envs.problem import ConstructionSpec, extract_block
 
@@ -333,3 +336,37 @@ def test_best_of_n_on_a_llama_cpp_server_gets_at_least_90_percent_valid_replies(
     rows = read_jsonl(out / "rollouts.jsonl")
     valid = sum(row["valid"] for row in rows)
     assert len(rows) == 8 and valid >= 0.9 * len(rows), [row["error"] for row in rows if not row["valid"]]
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (this one has long imported torch), from the repository root."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_endpoint_policy_and_run_folders_import_without_torch():
+    code = "import sys, discover_agent.openai_policy, discover_agent.rundir; assert 'torch' not in sys.modules"
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+
+
+def test_best_of_n_on_an_endpoint_never_imports_torch(serve, tmp_path):
+    """The sampling-only agents on an endpoint need no local model: the CLI run must not load torch."""
+
+    def respond(req):
+        size = req["response_format"]["json_schema"]["schema"]["minItems"]
+        return completion([json.dumps([0.5] * size)] * req["n"])
+
+    server = serve(respond)
+    out = tmp_path / "run"
+    args = ["run", "discover/AC1-v0", "--agent", "best-of-n", "--endpoint", server.url, "--model", "m", "--steps", "1",
+            "--groups", "1", "--group-size", "2", "--out", str(out), "--quiet", "--no-report"]  # fmt: skip
+    code = (
+        "import sys\nfrom discover_agent.cli import main\n"
+        f"assert main({args!r}) == 0\nassert 'torch' not in sys.modules, 'the run imported torch'"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(out / "rollouts.jsonl")
+    assert len(rows) == 2 and all(row["valid"] for row in rows), [row["error"] for row in rows]

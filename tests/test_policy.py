@@ -11,7 +11,8 @@ from peft.tuners.lora import LoraLayer
 from tiny_model import CountingConstraint, build_model
 
 from discover_agent.model import EMBEDDED_NAME, default_lora_rank, embedded_cache_dir, ensure_embedded_model
-from discover_agent.policy import LocalPolicy, PolicyConfig, Sample
+from discover_agent.policy import LocalPolicy, PolicyConfig
+from discover_agent.types import Sample
 from discover_envs.problem import ConstructionSpec
 
 PROMPTS = ["short", "a much longer prompt with numbers 0.5, 0.25 and [1.0, 0.75] in it"]
@@ -258,9 +259,13 @@ def test_grammar_logits_of_allowed_tokens_only_draw_what_full_logits_and_generat
     assert len({tuple(s.completion_ids) for s in runs["allowed"]}) > 1
 
 
+def kept(samples: list[Sample]) -> set[int]:
+    """The distinct prompt caches the samples carry that still hold their keys/values."""
+    return {id(s.prompt_cache) for s in samples if s.prompt_cache is not None and s.prompt_cache.held}
+
+
 def test_prompts_kept_from_sampling_give_the_trainers_pass_the_same_logprobs_and_gradients(make_tiny_policy):
-    policy = perturbed(make_tiny_policy, temperature=0.9, max_new_tokens=8)
-    policy.keep_prompt_graphs = True
+    policy = perturbed(make_tiny_policy, temperature=0.9, max_new_tokens=8, reuse_prompts=True)
     weights = torch.randn((6, 8), generator=torch.Generator().manual_seed(4))
 
     def pass_with_grad(samples):
@@ -271,27 +276,29 @@ def test_prompts_kept_from_sampling_give_the_trainers_pass_the_same_logprobs_and
         return logp.detach(), grads
 
     samples = [s for group in policy.sample(PROMPTS, n=3) for s in group]
-    assert len(policy._prompt_graphs) == 2
+    assert len(kept(samples)) == 2  # one per prompt, shared by its replies
     with torch.no_grad():
         policy.token_logprobs(samples)  # a pass without grad (the base-model pass) leaves them for the trainer
-    kept = pass_with_grad(samples)
-    assert not policy._prompt_graphs  # used, and used once
+    reused = pass_with_grad(samples)
+    assert not kept(samples)  # used, and used once
     fresh = pass_with_grad(samples)  # recomputes each prompt
-    torch.testing.assert_close(kept[0], fresh[0], atol=1e-5, rtol=0)
-    assert kept[1].keys() == fresh[1].keys() and any("lora_A" in n for n in kept[1])
+    torch.testing.assert_close(reused[0], fresh[0], atol=1e-5, rtol=0)
+    assert reused[1].keys() == fresh[1].keys() and any("lora_A" in n for n in reused[1])
     for name, grad in fresh[1].items():
-        torch.testing.assert_close(kept[1][name], grad, atol=1e-5, rtol=0)
+        torch.testing.assert_close(reused[1][name], grad, atol=1e-5, rtol=0)
 
     # After an optimiser step the kept keys/values are stale: they must not be used.
-    policy.sample(PROMPTS, n=3)
+    samples = [s for group in policy.sample(PROMPTS, n=3) for s in group]
     with torch.no_grad():
         for p in policy.model.parameters():
             if p.requires_grad:
                 p.add_(0.05)
+    assert len(kept(samples)) == 2
     after, _ = pass_with_grad(samples)
-    policy.release_prompt_graphs()
+    assert not kept(samples)  # a stale one is dropped too
     torch.testing.assert_close(after, pass_with_grad(samples)[0], atol=1e-5, rtol=0)
-    assert not torch.allclose(after, fresh[0], atol=1e-3)
+    sampled = torch.tensor([s.logprobs + [0.0] * (after.shape[1] - len(s.logprobs)) for s in samples])
+    assert not torch.allclose(after, sampled, atol=1e-3)  # the step changed the log-probs
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -302,7 +309,7 @@ def test_training_logprobs_of_allowed_tokens_only_equal_full_logits_with_gradien
     head, results = policy._head, []
     for allowed_only in (True, False):
         policy._head = head if allowed_only else None
-        assert policy._allowed_only(samples) is allowed_only
+        assert (policy._allowed_head(samples) is not None) is allowed_only
         policy.model.zero_grad()
         logp, mask = policy.token_logprobs(samples)
         (logp * weights[:, : logp.shape[1]]).sum().backward()

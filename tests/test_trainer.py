@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny_model import CountingConstraint
 
-from discover_agent.policy import LocalPolicy, Sample
-from discover_agent.trainer import Trainer, TrainerConfig
+from discover_agent.policy import LocalPolicy
+from discover_agent.trainer import Trainer, TrainerConfig, kl_shaped_advantages
+from discover_agent.types import Sample
 from discover_envs.problem import ConstructionSpec
 
 PROMPTS = ["short", "a longer prompt with numbers 0.5, 0.25 and [1.0, 0.75]"]
@@ -82,15 +85,14 @@ def test_micro_batches_give_the_same_update_as_one_batch(make_tiny_policy):
 def test_reusing_the_sampled_prompts_gives_the_same_update(make_tiny_policy, micro_batch_size):
     results = []
     for reuse in (True, False):
-        policy = make_tiny_policy()
-        trainer = Trainer(policy, TrainerConfig(lr=1e-2, kl_coef=0.5, micro_batch_size=micro_batch_size,
-                                                reuse_prompts=reuse))  # fmt: skip
-        assert policy.keep_prompt_graphs is reuse
+        policy = make_tiny_policy(reuse_prompts=reuse)
+        trainer = Trainer(policy, TrainerConfig(lr=1e-2, kl_coef=0.5, micro_batch_size=micro_batch_size))
         for advantages in ([1.0, -0.5, 0.2, -1.0, 0.8, -0.5], [0.3, -0.1, 0.9, 0.5, -1.0, 0.4]):
             samples = [s for group in policy.sample(PROMPTS, n=3) for s in group]
-            assert len(policy._prompt_graphs) == (2 if reuse else 0)
+            held = {id(s.prompt_cache) for s in samples if s.prompt_cache is not None and s.prompt_cache.held}
+            assert len(held) == (2 if reuse else 0)
             metrics = trainer.step(samples, advantages, group_sizes=[3, 3])
-            assert not policy._prompt_graphs  # released after the step
+            assert not any(s.prompt_cache.held for s in samples if s.prompt_cache is not None)  # released
         results.append((metrics, lora_state(policy)))
     for key in ("loss", "kl", "grad_norm", "ratio"):
         assert results[0][0][key] == pytest.approx(results[1][0][key], rel=1e-4, abs=1e-7)
@@ -257,3 +259,43 @@ def test_the_embedded_model_given_by_path_gets_its_own_learning_rate(tmp_path, m
     cache = tmp_path / "cache" / "smollm2-135m-instruct"
     assert default_lr(str(converted)) == default_lr(str(cache)) == EMBEDDED_LR
     assert default_lr(str(tmp_path / "other")) == PAPER_LR
+
+
+def _kl_case():
+    advantages = torch.tensor([1.0, -0.5])
+    current = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -1.0, -3.0]], requires_grad=True)
+    base = torch.tensor([[-1.5, -2.0, 0.0], [-1.0, -0.5, -math.inf]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    return advantages, current, base, mask
+
+
+def test_kl_shaping_matches_hand_computation_and_zeroes_masked_tokens():
+    advantages, current, base, mask = _kl_case()
+    out = kl_shaped_advantages(advantages, current, base, mask, coef=0.1)
+    # unmasked log-ratios: [0.5, 0.0] and [0.5, -0.5]; their mean is 0.125
+    expected = torch.tensor(
+        [
+            [1.0 + 0.1 * (0.125 - 0.5), 1.0 + 0.1 * 0.125, 0.0],
+            [-0.5 + 0.1 * (0.125 - 0.5), -0.5 + 0.1 * (0.125 + 0.5), 0.0],
+        ]
+    )
+    torch.testing.assert_close(out, expected)
+    assert not out.requires_grad
+
+
+def test_kl_shaping_rejects_mismatched_shapes_and_non_bool_masks():
+    advantages, current, base, mask = _kl_case()
+    with pytest.raises(ValueError, match="logp_base"):
+        kl_shaped_advantages(advantages, current, base[:, :2], mask)
+    with pytest.raises(ValueError, match="bool"):
+        kl_shaped_advantages(advantages, current, base, mask.float())
+    with pytest.raises(ValueError, match=r"\[B\]"):
+        kl_shaped_advantages(advantages[:, None], current, base, mask)
+    with pytest.raises(ValueError, match="B=1"):
+        kl_shaped_advantages(advantages[:1], current, base, mask)
+
+
+def test_kl_shaping_with_everything_masked_returns_zeros():
+    advantages, current, base, mask = _kl_case()
+    out = kl_shaped_advantages(advantages, current, base, torch.zeros_like(mask))
+    assert torch.equal(out, torch.zeros_like(out))

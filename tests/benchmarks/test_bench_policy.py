@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import discover_envs  # noqa: F401 - registers the env ids
-from discover_agent.policy import LocalPolicy, PolicyConfig, Sample
+from discover_agent.policy import LocalPolicy, PolicyConfig
 from discover_agent.trainer import Trainer, TrainerConfig
+from discover_agent.types import Sample
 
 pytestmark = [pytest.mark.embedded, pytest.mark.usefixtures("only_when_benchmarking")]
 
