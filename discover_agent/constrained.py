@@ -38,12 +38,11 @@ from discover_agent.json_grammar import (
     START,
     ArrayGrammar,
     State,
-    default_max_new_tokens,
     shortest_chars,
 )
 from discover_envs.problem import ConstructionSpec
 
-__all__ = ["JsonArrayConstraint", "default_max_new_tokens", "row_index", "token_texts"]
+__all__ = ["JsonArrayConstraint", "token_texts"]
 
 
 def token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:

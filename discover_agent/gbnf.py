@@ -9,7 +9,7 @@ decimal digits, exactly) and its decimals, so the server can only sample valid-s
     array  ::= "[" item (", " item){min-1..max-1} "]"        item: a number, or "[" number (", " number)* "]"
     number ::= the decimal numbers in [low, high] with at most `decimals` decimals and `width` characters
 
-`width` defaults to the width `constrained.default_max_new_tokens` sizes the reply budget for ("0.1234"), so a
+`width` defaults to the width `json_grammar.default_max_new_tokens` sizes the reply budget for ("0.1234"), so a
 reply under the grammar fits the budget and is never cut. Numbers have no exponent and no leading zeros.
 """
 

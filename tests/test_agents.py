@@ -361,7 +361,7 @@ def test_old_step_folders_are_removed_after_the_checkpoint_moves_on(finished_run
 
 def test_reply_budget_defaults_to_the_construction_spec_unless_set(tiny_model_dir):
     from discover_agent.agents import build_policy
-    from discover_agent.constrained import default_max_new_tokens
+    from discover_agent.json_grammar import default_max_new_tokens
 
     spec = gym.make(ENV, **ENV_KWARGS).metadata["construction_spec"]
     auto = build_policy(AgentConfig(model=str(tiny_model_dir), device="cpu"), trainable=False, spec=spec)

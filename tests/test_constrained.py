@@ -15,7 +15,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import discover_envs
 from discover_agent import json_grammar
-from discover_agent.constrained import JsonArrayConstraint, default_max_new_tokens, token_texts
+from discover_agent.constrained import JsonArrayConstraint, token_texts
+from discover_agent.json_grammar import default_max_new_tokens
 from discover_envs.problem import ConstructionSpec, format_numbers
 
 sys.path.insert(0, str(Path(__file__).parent))
