@@ -76,7 +76,9 @@ class AgentConfig:
     max_new_tokens: int | None = knob(
         None, "Longest reply in tokens; default: enough for the env's construction spec, else 256."
     )
-    batch_size: int = knob(8, "Sequences per generate call of a local model (a step's replies are split into these).")
+    batch_size: int = knob(
+        16, "Sequences per decode batch of a local model (a step's replies are split into these; 16: 2 groups x 8)."
+    )
     share_prefix: bool = knob(
         True, "Run each distinct prompt once and share its keys/values with its replies (local models)."
     )
@@ -173,7 +175,7 @@ class TTTConfig(PUCTConfig):
     )
     max_grad_norm: float | None = knob(None, "Gradient clipping norm; default: no clipping (the released code).")
     betas: list[float] = knob([0.9, 0.95], "Adam's beta1,beta2; (0.9, 0.95) as the released code.")
-    micro_batch_size: int = knob(8, "Replies per forward/backward pass of the update (memory, not maths).")
+    micro_batch_size: int = knob(16, "Replies per forward/backward pass of the update (memory, not maths).")
     weight_decay: float = knob(0.0, "AdamW weight decay of the LoRA weights.")
     reuse_prompts: bool = knob(
         True,

@@ -18,7 +18,6 @@ import torch
 from peft import PeftModelForCausalLM
 from transformers import (
     DynamicCache,
-    DynamicLayer,
     GenerationConfig,
     GenerationMixin,
     LogitsProcessor,
@@ -30,7 +29,7 @@ from transformers import (
 
 from discover_agent import threads
 from discover_agent.adapter import Head, MergedCopy, weights_version
-from discover_agent.constraint_processor import row_index
+from discover_agent.cascade import PreallocatedLayer, cascade_cache
 from discover_agent.types import Sample, TokenConstraint
 
 if TYPE_CHECKING:
@@ -65,33 +64,17 @@ class KeptPrompt:
         self._layers = None
 
 
-class _PreallocatedLayer(DynamicLayer):
-    """A decode cache layer with room for `capacity` positions: each new token's keys/values are written in
-    place instead of `torch.cat`-copying the whole layer every step (at batch 8 and ~800 positions that copy
-    moves about as many bytes per step as reading SmolLM2's weights)."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        shape = (*keys.shape[:2], capacity, keys.shape[-1])
-        self._keys, self._values = keys.new_empty(shape), values.new_empty(shape)
-        self._length = 0
-        self.update(keys, values)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        end = self._length + key_states.shape[-2]
-        if end > self._keys.shape[-2]:
-            raise RuntimeError(f"decode cache full: {end} positions for a capacity of {self._keys.shape[-2]}")
-        self._keys[:, :, self._length : end] = key_states
-        self._values[:, :, self._length : end] = value_states
-        self._length = end
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
-        return self.keys, self.values
-
-
 def _left_pad(states: torch.Tensor, gap: int) -> torch.Tensor:
     """Cached keys or values [1, heads, P, dim] with `gap` zero positions in front."""
     return torch.nn.functional.pad(states, (0, 0, gap, 0)) if gap else states
+
+
+def _draw(scores: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token [B], its log-prob [B]) from each row's scores [B, V] (masked ones -inf), row i drawn from
+    `generators[i]`."""
+    picks = [torch.multinomial(row.softmax(-1), 1, generator=g) for row, g in zip(scores, generators, strict=True)]
+    token = torch.cat(picks)
+    return token, scores.gather(1, token[:, None]).squeeze(1) - scores.logsumexp(-1)
 
 
 class _LogProbRecorder(LogitsProcessor):
@@ -140,6 +123,8 @@ class Decoding:
     _head: Head | None
     _sample_head: Head | None
     _sampler: MergedCopy | None
+    #: Whether the sampling model reads each shared prompt once per token step (`discover_agent.cascade`).
+    _cascade: bool
 
     @property
     def _sampling_model(self) -> PreTrainedModel | PeftModelForCausalLM:
@@ -183,15 +168,20 @@ class Decoding:
         return self._samples(rows, completions, recorder.finish(completions).cpu(), constraint)
 
     def _decode_shared(
-        self, rows: list[list[int]], constraint: TokenConstraint | None, kept: dict[tuple[int, ...], KeptPrompt]
+        self,
+        rows: list[list[int]],
+        constraint: TokenConstraint | None,
+        kept: dict[tuple[int, ...], KeptPrompt],
+        seeds: list[int],
     ) -> list[Sample]:
-        """The same draws as `_generate` (one multinomial over the batch per token, finished rows padded),
-        but each distinct prompt is prefilled once and its keys/values are repeated for the rows that share
-        it; then a plain decode loop, without `generate`'s per-token bookkeeping. `kept` gathers the call's
-        kept prompts (one per prompt across its micro-batches), which the samples carry.
+        """Each distinct prompt is prefilled once and its keys/values serve the rows that share it; then a plain
+        decode loop, without `generate`'s per-token bookkeeping. Row i draws from its own generator (`seeds[i]`),
+        so its reply does not depend on which rows share its batch, and a row that ends leaves the batch: the
+        loop computes only rows still generating. `kept` gathers the call's kept prompts (one per prompt across
+        its micro-batches), which the samples carry.
 
-        Rows of one prompt need no attention mask (so SDPA also skips expanding grouped KV heads); prompts of
-        different lengths are left-padded in the cache, as `_generate` pads them.
+        With the cascade the rows need no mask; otherwise prompts of different lengths are left-padded in the
+        cache, as `_generate` pads them.
         """
         width = max(len(r) for r in rows)
         processors = self._processors(constraint)
@@ -199,41 +189,48 @@ class Decoding:
         # vocabulary: the unembedding is a fifth of SmolLM2's weights, read every token step).
         subset = self._subset(processors[0]) if constraint is not None else None
         cache, logits, attention = self._shared_prefill(rows, width, kept, subset)
+        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
         positions = torch.tensor([len(r) for r in rows], device=self.device)
         eos = torch.tensor(self.eos_ids, device=self.device)
-        pad = torch.tensor(self.tokenizer.pad_token_id, device=self.device)
-        running = torch.ones(len(rows), dtype=torch.bool, device=self.device)
-        tokens: list[torch.Tensor] = []
-        logprobs: list[torch.Tensor] = []
+        tokens = torch.full((len(rows), self.config.max_new_tokens), self.tokenizer.pad_token_id, dtype=torch.long)
+        logprobs = torch.zeros((len(rows), self.config.max_new_tokens))
+        live = torch.arange(len(rows))  # the original rows still generating, in batch order
         generated = torch.zeros((len(rows), 0), dtype=torch.long, device=self.device)
         for step in range(self.config.max_new_tokens):
             if subset is not None:
-                token, logprob = self._draw_allowed(logits, subset.allowed_ids(generated), subset.head.weight)
+                allowed = subset.allowed_ids(generated)
+                token, logprob = self._draw_allowed(logits, allowed, subset.head.weight, generators)
             else:
                 # transformers annotates the legacy tensor types
                 scores = processors(cast(torch.LongTensor, generated), cast(torch.FloatTensor, logits.float()))
-                token = torch.multinomial(scores.softmax(-1), num_samples=1)
-                logprob = scores.gather(1, token) - scores.logsumexp(-1, keepdim=True)
-            logprobs.append(logprob.squeeze(1))
-            token = torch.where(running, token.squeeze(1), pad)
-            tokens.append(token)
+                token, logprob = _draw(scores, generators)
+            tokens[live, step], logprobs[live, step] = token.cpu(), logprob.cpu()
             generated = torch.cat([generated, token[:, None]], dim=1)
-            live = int(running.sum())
-            running &= ~torch.isin(token, eos)
+            going = ~torch.isin(token, eos)
             if self.progress is not None:
-                self.progress(live)
-            if step + 1 == self.config.max_new_tokens or not bool(running.any()):
+                self.progress(len(live))
+            if step + 1 == self.config.max_new_tokens or not bool(going.any()):
                 break
+            if not bool(going.all()):  # rows that ended leave the batch
+                keep = going.nonzero().squeeze(1)
+                live, generated, token, positions = live[keep.cpu()], generated[keep], token[keep], positions[keep]
+                generators = [generators[i] for i in keep.tolist()]
+                attention = None if attention is None else attention[keep]
+                for layer in cache.layers:
+                    assert isinstance(layer, PreallocatedLayer)  # `_shared_prefill` builds these
+                    layer.keep(keep)
             threads.adapt()
             if attention is not None:
-                attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
+                attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
             forward = self._sampling_model if subset is None else subset.head.decoder
+            extra = {"cascade": cache} if self._cascade else {}
             out = forward(
                 input_ids=token[:, None], position_ids=(positions + step)[:, None], attention_mask=attention,
-                cache=cache, use_cache=True,
+                cache=cache, use_cache=True, **extra,
             )  # fmt: skip
             cache, logits = out.cache, (out.logits if subset is None else out.last_hidden_state)[:, -1]
-        samples = self._samples(rows, torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu(), constraint)
+        steps = step + 1
+        samples = self._samples(rows, tokens[:, :steps], logprobs[:, :steps], constraint)
         for sample in samples:
             sample.prompt_cache = kept.get(tuple(sample.prompt_ids))
         return samples
@@ -247,25 +244,23 @@ class Decoding:
         return _Subset(allowed_ids, self._sample_head, self._head)
 
     def _draw_allowed(
-        self, hidden: torch.Tensor, allowed: list[torch.Tensor], weight: torch.Tensor
+        self, hidden: torch.Tensor, allowed: list[torch.Tensor], weight: torch.Tensor, generators: list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token [B, 1], its log-prob [B, 1]) from the last hidden states [B, H] and the unembedding `weight`,
-        computing only the logits of the `allowed` ids of each row: the same draw as `torch.multinomial` on the
-        masked full-vocabulary probabilities (it is argmax(p / q) with q ~ Exp(1) over the whole vocabulary,
-        drawn here likewise), so replies equal the full-logits path's and `generate`'s for the same seed."""
+        """(token [B], its log-prob [B]) from the last hidden states [B, H] and the unembedding `weight`,
+        computing only the logits of the ids each row allows (their union, in one matmul), each row drawn
+        from its generator among its allowed ids only."""
         union = torch.unique(torch.cat(allowed)).to(self.device)
-        rows = row_index(allowed).to(self.device)
-        cols = torch.searchsorted(union, torch.cat(allowed).to(self.device))
         logits = (hidden @ weight[union].T).float()
-        scores = torch.full_like(logits, -torch.inf)
-        scores[rows, cols] = logits[rows, cols]
         if self.config.temperature != 1.0:
-            scores = scores / self.config.temperature
-        probs = torch.zeros((len(allowed), weight.shape[0]), dtype=scores.dtype, device=self.device)
-        probs[:, union] = scores.softmax(-1)
-        token = (probs / torch.empty_like(probs).exponential_()).argmax(-1, keepdim=True)
-        at = torch.searchsorted(union, token)
-        return token, scores.gather(1, at) - scores.logsumexp(-1, keepdim=True)
+            logits = logits / self.config.temperature
+        tokens, logprobs = [], []
+        for row, (ids, generator) in enumerate(zip(allowed, generators, strict=True)):
+            ids = ids.to(self.device)
+            scores = logits[row, torch.searchsorted(union, ids)]
+            pick = torch.multinomial(scores.softmax(-1), 1, generator=generator)
+            tokens.append(ids[pick])
+            logprobs.append(scores.log_softmax(-1)[pick])
+        return torch.cat(tokens), torch.cat(logprobs)
 
     def _shared_prefill(
         self,
@@ -301,10 +296,13 @@ class Decoding:
                         kept[prompt].renew(prefix)
                     else:
                         kept[prompt] = KeptPrompt(prefix, weights_version(self.model))
-            # Left-pad each prompt's keys/values to the batch width (the padded slots are masked below).
-            gap = width - len(prompt)
-            layers.append([(_left_pad(k.detach(), gap), _left_pad(v.detach(), gap)) for k, v in kv])
+            layers.append([(k.detach(), v.detach()) for k, v in kv])
         select = torch.tensor(index, device=self.device)
+        if self._cascade:  # each prompt kept once, unpadded: no mask
+            return cascade_cache(layers, index, self.config.max_new_tokens), torch.stack(last)[select], None
+        # Left-pad each prompt's keys/values to the batch width (the padded slots are masked below).
+        gaps = [width - len(p) for p in prompts]
+        layers = [[(_left_pad(k, gap), _left_pad(v, gap)) for k, v in kv] for gap, kv in zip(gaps, layers, strict=True)]
         data = [
             (torch.cat([p[layer][0] for p in layers])[select], torch.cat([p[layer][1] for p in layers])[select])
             for layer in range(len(layers[0]))
@@ -315,7 +313,7 @@ class Decoding:
             for i, r in enumerate(rows):
                 attention[i, width - len(r) :] = 1
         cache = DynamicCache()
-        cache.layers = [_PreallocatedLayer(k, v, width + self.config.max_new_tokens) for k, v in data]
+        cache.layers = [PreallocatedLayer(k, v, width + self.config.max_new_tokens) for k, v in data]
         return cache, torch.stack(last)[select], attention
 
     def _processors(self, constraint: TokenConstraint | None) -> LogitsProcessorList:

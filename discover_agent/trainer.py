@@ -60,7 +60,7 @@ class TrainerConfig:
     lr: float = PAPER_LR
     kl_coef: float = DEFAULT_KL_COEF
     max_grad_norm: float | None = None
-    micro_batch_size: int = 8
+    micro_batch_size: int = 16
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from scipy.stats import chisquare
 from tiny_model import CountingConstraint, build_model
 
 from discover_agent.model import EMBEDDED_NAME, default_lora_rank, embedded_cache_dir, ensure_embedded_model
@@ -214,49 +216,74 @@ def perturbed(make_tiny_policy, **config) -> LocalPolicy:
     return policy
 
 
-@pytest.mark.parametrize("config", [{}, {"temperature": 0.7, "batch_size": 3}, {"batch_size": 8}])
-def test_shared_prefix_sampling_draws_the_same_replies_and_logprobs_as_the_unshared_path(make_tiny_policy, config):
-    shared = perturbed(make_tiny_policy, share_prefix=True, **config).sample(PROMPTS, n=3)
-    unshared = perturbed(make_tiny_policy, share_prefix=False, **config).sample(PROMPTS, n=3)
-    assert [[s.completion_ids for s in g] for g in shared] == [[s.completion_ids for s in g] for g in unshared]
-    for a, b in zip([s for g in shared for s in g], [s for g in unshared for s in g], strict=True):
-        assert a.prompt_ids == b.prompt_ids and a.text == b.text
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
-
-
-def test_shared_prefix_sampling_under_a_constraint_matches_the_unshared_path(make_tiny_policy):
-    replies = []
-    for share in (True, False):
-        policy = perturbed(make_tiny_policy, share_prefix=share, temperature=0.8, batch_size=4)
-        constraint = CountingConstraint(policy.tokenizer, [policy.tokenizer.convert_tokens_to_ids(c) for c in "0123"])
-        policy._constraint_factory = lambda tokenizer, spec, constraint=constraint: constraint
-        groups = policy.sample(PROMPTS, n=3, constraint_spec=SPEC)
-        replies.append([(s.completion_ids, s.logprobs) for g in groups for s in g])
-    assert [ids for ids, _ in replies[0]] == [ids for ids, _ in replies[1]]
-    torch.testing.assert_close(
-        torch.tensor([lp for _, lps in replies[0] for lp in lps]),
-        torch.tensor([lp for _, lps in replies[1] for lp in lps]),
-        atol=1e-5, rtol=0,
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.8])
-def test_grammar_logits_of_allowed_tokens_only_draw_what_full_logits_and_generate_draw(make_tiny_policy, temperature):
-    """The shared path computes only the allowed tokens' logits under the JSON grammar; the same seed must give
-    the replies of full-vocabulary logits (`_head` None) and of `generate` (the unshared path)."""
-    runs = {}
-    for name, share, allowed_only in [("allowed", True, True), ("full", True, False), ("generate", False, False)]:
-        policy = perturbed(make_tiny_policy, share_prefix=share, temperature=temperature, batch_size=6)
-        assert policy._head is not None  # a plain Llama head: the allowed-logits path is available
-        if not allowed_only:
-            policy._head = None
-        groups = policy.sample(PROMPTS, n=3, constraint_spec=SEQUENCE_WIDE)
-        runs[name] = [s for g in groups for s in g]
-    for name in ("full", "generate"):
-        assert [s.completion_ids for s in runs["allowed"]] == [s.completion_ids for s in runs[name]]
-        for a, b in zip(runs["allowed"], runs[name], strict=True):
+@pytest.mark.parametrize("grammar", [False, True])
+def test_a_reply_does_not_depend_on_its_batch(make_tiny_policy, grammar):
+    """Each row draws from its own stream and leaves the batch when it ends: the same replies and log-probs at
+    any batch size, with the cascade or per-row caches, with a constraint that may end a row at any token
+    (full-vocabulary draws) or the JSON grammar (draws among its allowed ids)."""
+    runs = []
+    for batch_size, cascade in [(16, True), (3, True), (1, True), (4, False)]:
+        policy = perturbed(make_tiny_policy, temperature=1.5, batch_size=batch_size, max_new_tokens=24)
+        policy._cascade = cascade
+        if not grammar:
+            ids = [policy.tokenizer.convert_tokens_to_ids(c) for c in "0123456789"] + [policy.tokenizer.eos_token_id]
+            constraint = CountingConstraint(policy.tokenizer, ids, length=24)
+            policy._constraint_factory = lambda tokenizer, spec, constraint=constraint: constraint
+        runs.append([s for g in policy.sample(PROMPTS, n=4, constraint_spec=SEQUENCE_WIDE) for s in g])
+    for run in runs[1:]:
+        assert [s.completion_ids for s in run] == [s.completion_ids for s in runs[0]]
+        for a, b in zip(run, runs[0], strict=True):
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
-    assert len({tuple(s.completion_ids) for s in runs["allowed"]}) > 1
+    assert len({len(s.completion_ids) for s in runs[0]}) > 1  # rows ended at different steps
+
+
+def draws_at(policy: LocalPolicy, spec: ConstructionSpec | None, n: int, position: int) -> tuple[Counter, torch.Tensor]:
+    """How often each token was drawn at `position` in `n` replies to one prompt whose earlier tokens are all
+    the same (forced), and the distribution it should follow: the softmax of the model's next-token logits
+    there, over the grammar's allowed ids under `spec`."""
+    policy.config.max_new_tokens = position + 1
+    [group] = policy.sample([PROMPTS[1]], n=n, constraint_spec=spec)
+    [before] = {tuple(s.completion_ids[:position]) for s in group}
+    ids = torch.tensor([group[0].prompt_ids + list(before)])
+    with torch.no_grad():
+        logits = policy.model(input_ids=ids).logits[0, -1].double() / policy.config.temperature
+    if spec is not None:
+        allowed = policy.constraint(spec).token_allowed_ids(group[0].completion_ids)[position]
+        logits = torch.full_like(logits, -torch.inf).index_copy(0, allowed, logits[allowed])
+    return Counter(s.completion_ids[position] for s in group), logits.softmax(-1)
+
+
+@pytest.mark.parametrize(
+    ("spec", "position", "temperature"), [(None, 0, 0.3), (SEQUENCE_WIDE, 1, 1.0), (SEQUENCE_WIDE, 1, 0.6)]
+)
+def test_the_shared_path_draws_from_the_models_distribution(make_tiny_policy, spec, position, temperature):
+    """Chi-square goodness of fit of 6000 draws against the model's (masked) next-token distribution, for
+    full-vocabulary draws and for draws among the grammar's allowed ids only (after its forced "["). Checked
+    by mutation: a sampler that scales the logits by 1.5 fails every case (p < 1e-4); the seed is fixed."""
+    policy = make_tiny_policy(temperature=temperature, batch_size=1000)
+    counts, probs = draws_at(policy, spec, n=6000, position=position)
+    expected = probs * 6000
+    frequent = expected >= 5  # cells with fewer expected draws are pooled into one
+    observed = [counts.get(i, 0) for i in frequent.nonzero().squeeze(1).tolist()]
+    cells = expected[frequent].tolist()
+    if bool((probs[~frequent] > 0).any()):
+        observed.append(6000 - sum(observed))
+        cells.append(float(expected[~frequent].sum()))
+    assert len(cells) >= 5 and set(counts) <= set(probs.nonzero().squeeze(1).tolist())
+    assert chisquare(observed, cells).pvalue > 1e-4
+
+
+def test_drawing_among_allowed_ids_only_records_the_full_logits_log_probs(make_tiny_policy):
+    """Replies drawn from the allowed ids' logits alone carry the log-probs the full-vocabulary logits give
+    them under the grammar's masks."""
+    policy = perturbed(make_tiny_policy, temperature=0.8, batch_size=6)
+    assert policy._head is not None  # a plain Llama head: the allowed-logits path is available
+    samples = [s for g in policy.sample(PROMPTS, n=3, constraint_spec=SEQUENCE_WIDE) for s in g]
+    constraint = policy.constraint(SEQUENCE_WIDE)
+    for s in samples:
+        masks = constraint.token_masks(s.completion_ids)
+        torch.testing.assert_close(torch.tensor(s.logprobs), recompute_logprobs(policy, s, masks), atol=1e-5, rtol=0)
+    assert len({tuple(s.completion_ids) for s in samples}) > 1
 
 
 def kept(samples: list[Sample]) -> set[int]:
