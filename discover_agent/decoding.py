@@ -1,8 +1,9 @@
 """How `LocalPolicy` draws replies, kept apart from its public sampling API.
 
 Replies of one group share their prompt, so by default (`PolicyConfig.share_prefix`) each distinct prompt is
-prefilled once and its keys/values are reused by the group's replies in a plain decode loop; the unshared path
-(every reply recomputes its prompt, through `generate`) stays as the reference the tests compare with. Under a
+prefilled once and its keys/values are reused by the group's replies in a plain decode loop, each reply drawn
+from its own random stream; the unshared path (every reply recomputes its prompt, through `generate`) stays as
+the reference the tests compare log-probs with. Under a
 grammar only the logits of the tokens it allows are computed (the unembedding is a fifth of SmolLM2's weights),
 and with `reuse_prompts` each sample carries its prompt's keys/values with their autograd graph to the update.
 Every path records each token's log-prob under the exact distribution it was drawn from.
