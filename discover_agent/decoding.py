@@ -70,12 +70,17 @@ def _left_pad(states: torch.Tensor, gap: int) -> torch.Tensor:
     return torch.nn.functional.pad(states, (0, 0, gap, 0)) if gap else states
 
 
+def _draw_row(scores: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [1], its log-prob [1]) drawn from one row's scores [K] (masked ones -inf) with `generator`:
+    the one draw both decoding paths make, over the whole vocabulary or over a row's allowed ids."""
+    pick = torch.multinomial(scores.softmax(-1), 1, generator=generator)
+    return pick, scores.log_softmax(-1)[pick]
+
+
 def _draw(scores: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [B], its log-prob [B]) from each row's scores [B, V] (masked ones -inf), row i drawn from
-    `generators[i]`."""
-    picks = [torch.multinomial(row.softmax(-1), 1, generator=g) for row, g in zip(scores, generators, strict=True)]
-    token = torch.cat(picks)
-    return token, scores.gather(1, token[:, None]).squeeze(1) - scores.logsumexp(-1)
+    """(token [B], its log-prob [B]) from each row's scores [B, V], row i drawn from `generators[i]`."""
+    picks, logprobs = zip(*(_draw_row(row, g) for row, g in zip(scores, generators, strict=True)), strict=True)
+    return torch.cat(picks), torch.cat(logprobs)
 
 
 class _LogProbRecorder(LogitsProcessor):
@@ -197,6 +202,8 @@ class Decoding:
         logprobs = torch.zeros((len(rows), self.config.max_new_tokens))
         live = torch.arange(len(rows))  # the original rows still generating, in batch order
         generated = torch.zeros((len(rows), 0), dtype=torch.long, device=self.device)
+        forward = self._sampling_model if subset is None else subset.head.decoder
+        extra = {"cascade": cache} if self._cascade else {}  # the cache object persists across steps
         for step in range(self.config.max_new_tokens):
             if subset is not None:
                 allowed = subset.allowed_ids(generated)
@@ -223,8 +230,6 @@ class Decoding:
             threads.adapt()
             if attention is not None:
                 attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
-            forward = self._sampling_model if subset is None else subset.head.decoder
-            extra = {"cascade": cache} if self._cascade else {}
             out = forward(
                 input_ids=token[:, None], position_ids=(positions + step)[:, None], attention_mask=attention,
                 cache=cache, use_cache=True, **extra,
@@ -257,10 +262,9 @@ class Decoding:
         tokens, logprobs = [], []
         for row, (ids, generator) in enumerate(zip(allowed, generators, strict=True)):
             ids = ids.to(self.device)
-            scores = logits[row, torch.searchsorted(union, ids)]
-            pick = torch.multinomial(scores.softmax(-1), 1, generator=generator)
+            pick, logprob = _draw_row(logits[row, torch.searchsorted(union, ids)], generator)
             tokens.append(ids[pick])
-            logprobs.append(scores.log_softmax(-1)[pick])
+            logprobs.append(logprob)
         return torch.cat(tokens), torch.cat(logprobs)
 
     def _shared_prefill(
